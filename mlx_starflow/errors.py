@@ -1,0 +1,21 @@
+"""Errors a user can act on.
+
+Everything the CLI prints as a one-line message derives from `StarFlowError`; any other
+exception is a bug and shows its traceback under `--debug`.
+"""
+
+
+class StarFlowError(Exception):
+    """A problem with the user's input, files or environment; the message says how to fix it."""
+
+
+class ConfigError(StarFlowError):
+    """A config file is missing, malformed, of another version, or asks for an unsupported switch."""
+
+
+class WeightsError(StarFlowError):
+    """Checkpoint keys or shapes do not match what the config describes."""
+
+
+class ModelNotFound(StarFlowError):
+    """No model at the given path, cache entry or repository id."""
