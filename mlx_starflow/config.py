@@ -184,10 +184,25 @@ class T5Config(ComponentConfig):
     layer_norm_epsilon: float = 1e-6
     dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        if min(self.vocab_size, self.d_model, self.d_kv, self.num_heads, self.d_ff, self.num_layers) < 1:
+            raise ValueError("vocab_size, d_model, d_kv, num_heads, d_ff and num_layers must all be positive")
+        if self.relative_attention_num_buckets < 4 or self.relative_attention_max_distance <= self.relative_attention_num_buckets // 4:
+            raise ValueError(
+                f"relative attention needs at least 4 buckets and a max distance above a quarter of them, got "
+                f"{self.relative_attention_num_buckets} buckets and max distance {self.relative_attention_max_distance}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, not {self.dtype!r}")
+
 
 @dataclass(frozen=True)
 class VAEConfig(ComponentConfig):
-    """The SD-VAE (diffusers `AutoencoderKL` with DownEncoderBlock2D/UpDecoderBlock2D blocks)."""
+    """The SD-VAE (diffusers `AutoencoderKL` with DownEncoderBlock2D/UpDecoderBlock2D blocks).
+
+    `has_encoder` is False for a decoder-only folder (the fine-tuned noisy-latent decoder): it
+    holds `post_quant_conv` and `decoder` weights only, and the encoder comes from `vae/`.
+    """
 
     KIND: ClassVar[str] = "starflow.vae"
 
@@ -201,7 +216,23 @@ class VAEConfig(ComponentConfig):
     mid_block_add_attention: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
+    has_encoder: bool = True
     dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not self.block_out_channels or min(self.block_out_channels) < 1:
+            raise ValueError(f"block_out_channels must list positive widths, got {list(self.block_out_channels)}")
+        if self.norm_num_groups < 1:
+            raise ValueError(f"norm_num_groups must be at least 1, got {self.norm_num_groups}")
+        uneven = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if uneven:
+            raise ValueError(f"block_out_channels {uneven} are not multiples of norm_num_groups {self.norm_num_groups}")
+        if self.layers_per_block < 1:
+            raise ValueError(f"layers_per_block must be at least 1, got {self.layers_per_block}")
+        if self.scaling_factor <= 0:
+            raise ValueError(f"scaling_factor must be positive, got {self.scaling_factor}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, not {self.dtype!r}")
 
     @property
     def downsample_factor(self) -> int:
