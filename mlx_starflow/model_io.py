@@ -73,7 +73,7 @@ def write_manifest(folder: str | Path, kind: str, sources: list[dict[str, Any]] 
     """
     folder = Path(folder)
     files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+    for path in sorted(_own_files(folder)):
         files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = {
         "format": FORMAT_NAME,
@@ -86,6 +86,17 @@ def write_manifest(folder: str | Path, kind: str, sources: list[dict[str, Any]] 
     }
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _own_files(folder: Path, top: bool = True) -> list[Path]:
+    """Files a manifest covers: a component subfolder (one with its own manifest) counts as that manifest."""
+    found = []
+    for path in folder.iterdir():
+        if path.is_dir():
+            found += [path / MANIFEST_FILE] if (path / MANIFEST_FILE).is_file() else _own_files(path, top=False)
+        elif not (top and path.name == MANIFEST_FILE):
+            found.append(path)
+    return found
 
 
 def read_manifest(folder: str | Path, verify_hashes: bool = False) -> dict:

@@ -69,8 +69,9 @@ class GatedMLP(nn.Module):
         self.down = nn.Linear(d_ff, d_model, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
+        # nn.gelu_approx is the tanh form, T5's `gelu_new`; the exact erf GELU shifts outputs by ~1e-3.
         hidden = nn.gelu_approx(self.gate(x)) * self.up(x)
-        if hidden.dtype == mx.float16:
+        if hidden.dtype == mx.float16:  # flan-T5's down projection overflows float16; bfloat16 has the range
             hidden = hidden.astype(mx.float32)
         return self.down(hidden)
 

@@ -27,6 +27,9 @@ class TextEncoder:
     """A T5 tokenizer and encoder that turn prompts into fixed-length text states."""
 
     def __init__(self, tokenizer: Tokenizer, encoder: T5Encoder):
+        # `tokenize` truncates and pads itself; settings stored in a tokenizer.json must not do it twice.
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.eos_id = _token_id(tokenizer, EOS_TOKEN)
@@ -58,7 +61,7 @@ class TextEncoder:
         ids = np.full((len(rows), length), self.pad_id, dtype=np.int32)
         mask = np.zeros((len(rows), length), dtype=np.int32)
         for row, pieces in enumerate(rows):
-            kept = pieces[: length - 1] + [self.eos_id]
+            kept = [*pieces[: length - 1], self.eos_id]
             ids[row, : len(kept)] = kept
             mask[row, : len(kept)] = 1
         return mx.array(ids), mx.array(mask)

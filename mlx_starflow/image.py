@@ -1,0 +1,65 @@
+"""Pixels in and out of the VAE: decoder output ↔ uint8 ↔ PIL, with the official rounding.
+
+The official writer clamps to [-1, 1], maps to [0, 1] and stores `floor(v·255 + 0.5)` (round
+half up), all in float32; images going in are `(u8/255 − 0.5)/0.5` in float32 (ToTensor then
+Normalize). Both are reproduced operation by operation so the uint8 values match exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import StarFlowError
+
+
+def decoded_to_uint8(images: mx.array | np.ndarray) -> np.ndarray:
+    """Decoder output (B, C, H, W) float → uint8 of the same layout, as the official PNG writer."""
+    x = np.asarray(images, dtype=np.float32)
+    unit = (np.clip(x, np.float32(-1), np.float32(1)) + np.float32(1)) * np.float32(0.5)
+    scaled = unit * np.float32(255) + np.float32(0.5)
+    return np.clip(scaled, np.float32(0), np.float32(255)).astype(np.uint8)
+
+
+def uint8_to_pil(images: np.ndarray) -> list[Image.Image]:
+    """uint8 (B, 3, H, W) → one RGB PIL image per batch row."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 images of shape (B, 3, H, W), got {images.dtype} {list(images.shape)}")
+    return [Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))) for image in images]
+
+
+def decoded_to_pil(images: mx.array | np.ndarray) -> list[Image.Image]:
+    """Decoder output (B, 3, H, W) → RGB PIL images, rounded like the official writer."""
+    return uint8_to_pil(decoded_to_uint8(images))
+
+
+def pil_to_uint8(image: Image.Image) -> np.ndarray:
+    """Any PIL image → uint8 (3, H, W) RGB (grey, palette and alpha images are converted)."""
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def uint8_to_model_input(images: np.ndarray) -> mx.array:
+    """uint8 (B, 3, H, W) or (3, H, W) → float32 NCHW in [-1, 1], as ToTensor + Normalize(0.5, 0.5)."""
+    if images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {images.dtype}")
+    batch = images[None] if images.ndim == 3 else images
+    if batch.ndim != 4 or batch.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W) or (3, H, W), got {list(images.shape)}")
+    unit = batch.astype(np.float32) / np.float32(255)
+    return mx.array((unit - np.float32(0.5)) / np.float32(0.5))
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as uint8 (3, H, W) RGB; a missing or unreadable file is a `StarFlowError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise StarFlowError(f"no image file at {path}; check the path")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return pil_to_uint8(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise StarFlowError(f"cannot read {path} as an image ({e}); pass a PNG or JPEG file") from None

@@ -1,0 +1,213 @@
+"""`starflow convert` end to end: the CLI, dtypes, quantisation, and bad input.
+
+Every bad input must give one line on stderr, exit code 1, no traceback and no output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from app.cli import main
+from mlx_starflow import load_flow
+from mlx_starflow.errors import ConfigError
+
+SAMPLE_TOL = 2e-4
+
+
+@pytest.fixture(scope="module")
+def sf(fixtures_dir):
+    return fixtures_dir / "starflow"
+
+
+@pytest.fixture(scope="module")
+def inputs(sf):
+    return mx.load(str(sf / "inputs.safetensors"))
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def convert_args(sf, src, out, *extra):
+    return ["convert", sf / src, "--config", sf / "config.yaml", "--out", out, *extra]
+
+
+def test_cli_conversion_reproduces_the_official_samples(sf, inputs, tmp_path, capsys):
+    code, err = run_cli(capsys, *convert_args(sf, "model.pth", tmp_path / "m"))
+    assert code == 0, err
+    flow = load_flow(tmp_path / "m")
+    ref = mx.load(str(sf / "sample.safetensors"))
+    sample = flow.sample(inputs["noise"], inputs["y_cfg"], guidance=2.5)
+    assert mx.abs(sample - ref["g2p5.seq.6"]).max().item() < SAMPLE_TOL
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["components"] == ["flow"]
+    assert len(manifest["sources"][0]["sha256"]) == 64
+
+
+@pytest.mark.parametrize("src", ["model_fp16.pth", "model_bf16.pth"])
+def test_half_precision_checkpoints_convert_to_the_same_rounded_weights(sf, tmp_path, capsys, src):
+    """A float16/bfloat16 checkpoint holds the float32 weights rounded; converting it at float32 must
+    give exactly those rounded values (the reader widens without loss)."""
+    half = mx.float16 if "fp16" in src else mx.bfloat16
+    assert run_cli(capsys, *convert_args(sf, "model.pth", tmp_path / "full"))[0] == 0
+    assert run_cli(capsys, *convert_args(sf, src, tmp_path / "half"))[0] == 0
+    full = mx.load(str(tmp_path / "full" / "flow" / "model.safetensors"))
+    from_half = mx.load(str(tmp_path / "half" / "flow" / "model.safetensors"))
+    assert set(full) == set(from_half)
+    for name, value in full.items():
+        assert mx.array_equal(value.astype(half).astype(mx.float32), from_half[name]), name
+
+
+@pytest.mark.parametrize("extra,kind", [
+    (["--dtype", "float16"], "float16"),
+    (["--dtype", "bfloat16"], "bfloat16"),
+    (["--quantize", "8"], "q8"),
+    (["--quantize", "4", "--dtype", "float16"], "q4"),
+])
+def test_reduced_precision_models_load_and_sample(sf, inputs, tmp_path, capsys, extra, kind):
+    code, err = run_cli(capsys, *convert_args(sf, "model.pth", tmp_path / kind, *extra))
+    assert code == 0, err
+    flow = load_flow(tmp_path / kind)
+    quantized = [m for _, m in flow.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert len(quantized) == (4 * 7 if kind.startswith("q") else 0)
+    assert flow.blocks[5].proj_out.weight.dtype != mx.uint32
+    sample = flow.sample(inputs["noise"], inputs["y_cfg"], guidance=2.5)
+    assert sample.dtype == mx.float32 and mx.all(mx.isfinite(sample)).item()
+
+
+def test_label_model_gets_its_vocabulary(sf, tmp_path, capsys):
+    out = tmp_path / "label"
+    code, err = run_cli(capsys, "convert", sf / "label_model" / "model.pth", "--config", sf / "label_model" / "config.yaml", "--out", out)
+    assert code == 0, err
+    labels = json.loads((out / "labels" / "config.json").read_text())["labels"]
+    assert labels[3] == "cat" and len(labels) == 10
+
+
+def assert_clean_failure(code: int, err: str, out, *fragments: str) -> None:
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
+
+
+def test_config_shape_mismatch_names_key_and_shapes(sf, tmp_path, capsys):
+    yaml = (sf / "config.yaml").read_text().replace("- channels: 128", "- channels: 256")
+    (tmp_path / "wide.yaml").write_text(yaml)
+    out = tmp_path / "m"
+    code, err = run_cli(capsys, "convert", sf / "model.pth", "--config", tmp_path / "wide.yaml", "--out", out)
+    assert_clean_failure(code, err, out, "blocks.0.proj_in.weight", "[128, 4]", "[256, 4]")
+
+
+def test_existing_output_is_refused_without_force(sf, tmp_path, capsys):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_cli(capsys, *convert_args(sf, "model.pth", out))
+    assert code == 1 and "--force" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run_cli(capsys, *convert_args(sf, "model.pth", out, "--force"))[0] == 0
+    assert not (out / "keep.txt").exists()
+    load_flow(out)
+
+
+def test_missing_input(sf, tmp_path, capsys):
+    out = tmp_path / "m"
+    code, err = run_cli(capsys, *convert_args(sf, "no_such.pth", out))
+    assert_clean_failure(code, err, out, "no_such.pth")
+
+
+def test_truncated_checkpoint(sf, tmp_path, capsys):
+    data = (sf / "model.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "m"
+    code, err = run_cli(capsys, "convert", tmp_path / "cut.pth", "--config", sf / "config.yaml", "--out", out)
+    assert_clean_failure(code, err, out)
+
+
+def test_legacy_format_is_refused(sf, tmp_path, capsys):
+    out = tmp_path / "m"
+    code, err = run_cli(capsys, *convert_args(sf, "model_legacy_format.pth", out))
+    assert_clean_failure(code, err, out, "legacy")
+
+
+def test_malicious_pickle_is_refused_and_never_runs(sf, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    payload = (b"\x80\x02cposix\nsystem\nq\x00X" + len(f"touch {marker}").to_bytes(4, "little")
+               + f"touch {marker}".encode() + b"q\x01\x85q\x02Rq\x03.")
+    with zipfile.ZipFile(tmp_path / "evil.pth", "w") as z:
+        z.writestr("evil/data.pkl", payload)
+        z.writestr("evil/version", "3\n")
+    out = tmp_path / "m"
+    code, err = run_cli(capsys, "convert", tmp_path / "evil.pth", "--config", sf / "config.yaml", "--out", out)
+    assert_clean_failure(code, err, out, "system")
+    assert not marker.exists()
+
+
+def test_unknown_key_is_listed(sf, tmp_path, capsys):
+    from convert.pth_writer import save_pth
+    from convert.checkpoint import open_checkpoint
+
+    tensors = {k: t.numpy() for k, t in open_checkpoint(sf / "model.pth").items()}
+    tensors["blocks.0.extra_gate.weight"] = tensors["blocks.0.proj_in.weight"]
+    del tensors["blocks.3.final_norm.weight"]
+    save_pth(tmp_path / "odd.pth", tensors)
+    out = tmp_path / "m"
+    code, err = run_cli(capsys, "convert", tmp_path / "odd.pth", "--config", sf / "config.yaml", "--out", out)
+    assert_clean_failure(code, err, out, "blocks.0.extra_gate.weight", "blocks.3.final_norm.weight")
+
+
+def test_wrapper_prefixes_are_stripped(sf, tmp_path, capsys):
+    from convert.pth_writer import save_pth
+    from convert.checkpoint import open_checkpoint
+
+    tensors = {f"module._orig_mod.{k}": t.numpy() for k, t in open_checkpoint(sf / "model.pth").items()}
+    save_pth(tmp_path / "wrapped.pth", tensors)
+    code, err = run_cli(capsys, "convert", tmp_path / "wrapped.pth", "--config", sf / "config.yaml", "--out", tmp_path / "m")
+    assert code == 0, err
+
+
+def test_unsupported_switch_is_named(sf, tmp_path, capsys):
+    (tmp_path / "swiglu.yaml").write_text((sf / "config.yaml").read_text() + "- use_swiglu: 1\n")
+    out = tmp_path / "m"
+    code, err = run_cli(capsys, "convert", sf / "model.pth", "--config", tmp_path / "swiglu.yaml", "--out", out)
+    assert_clean_failure(code, err, out, "use_swiglu")
+
+
+def test_bad_option_values(sf, tmp_path, capsys):
+    out = tmp_path / "m"
+    code, err = run_cli(capsys, *convert_args(sf, "model.pth", out, "--quantize", "3"))
+    assert_clean_failure(code, err, out, "--quantize")
+    code, err = run_cli(capsys, *convert_args(sf, "model.pth", out, "--dtype", "int8"))
+    assert_clean_failure(code, err, out, "--dtype")
+
+
+def test_loading_detects_half_written_and_stale_folders(sf, tmp_path, capsys):
+    out = tmp_path / "m"
+    assert run_cli(capsys, *convert_args(sf, "model.pth", out))[0] == 0
+    stale = tmp_path / "stale"
+    shutil.copytree(out, stale)
+    with open(stale / "flow" / "model.safetensors", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ConfigError, match="stale or damaged"):
+        load_flow(stale)
+    half = tmp_path / "half"
+    shutil.copytree(out, half)
+    (half / "flow" / "manifest.json").unlink()
+    with pytest.raises(ConfigError, match="did not finish"):
+        load_flow(half)
+    config = json.loads((out / "flow" / "config.json").read_text())
+    config["version"] = 99
+    (out / "flow" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError):
+        load_flow(out)
