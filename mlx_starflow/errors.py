@@ -19,3 +19,7 @@ class WeightsError(StarFlowError):
 
 class ModelNotFound(StarFlowError):
     """No model at the given path, cache entry or repository id."""
+
+
+class InputError(StarFlowError):
+    """An input file (image, prompt list, data folder) is missing or unreadable."""

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import StarFlowError
+from .errors import InputError
 
 
 def decoded_to_uint8(images: mx.array | np.ndarray) -> np.ndarray:
@@ -53,13 +53,31 @@ def uint8_to_model_input(images: np.ndarray) -> mx.array:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as uint8 (3, H, W) RGB; a missing or unreadable file is a `StarFlowError`."""
+    """Read an image file as uint8 (3, H, W) RGB; a missing or unreadable file is an `InputError`."""
     path = Path(path)
     if not path.is_file():
-        raise StarFlowError(f"no image file at {path}; check the path")
+        raise InputError(f"no image file at {path}; check the path")
     try:
         with Image.open(path) as image:
             image.load()
             return pil_to_uint8(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise StarFlowError(f"cannot read {path} as an image ({e}); pass a PNG or JPEG file") from None
+        raise InputError(f"cannot read {path} as an image ({e}); pass a PNG or JPEG file") from None
+
+
+def make_grid(images: list[np.ndarray], columns: int | None = None, padding: int = 2) -> np.ndarray:
+    """Tile uint8 (3, H, W) images into one (3, H', W') grid with zero padding between tiles,
+    like the official sample writer (a single image is returned as it is)."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    if len(images) == 1:
+        return images[0]
+    columns = columns or min(len(images), 8)
+    rows = -(-len(images) // columns)
+    _, height, width = images[0].shape
+    grid = np.zeros((3, rows * (height + padding) + padding, columns * (width + padding) + padding), np.uint8)
+    for index, image in enumerate(images):
+        top = (index // columns) * (height + padding) + padding
+        left = (index % columns) * (width + padding) + padding
+        grid[:, top : top + height, left : left + width] = image
+    return grid
