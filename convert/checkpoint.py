@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterator
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -88,7 +88,7 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
 def raw_to_mlx(raw: np.ndarray, dtype: str) -> mx.array:
     """Stored bits to an MLX array of `dtype`, without a detour through another dtype."""
     if dtype == "bfloat16":
-        return mx.array(raw).view(mx.bfloat16).reshape(raw.shape)  # view turns a scalar into shape (1,)
+        return mx.array(raw).view(mx.bfloat16)
     return mx.array(raw, dtype=mlx_dtype(dtype))
 
 
@@ -99,7 +99,7 @@ class LazyTensor:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    read: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    reader: Callable[[], np.ndarray] = field(repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -107,16 +107,16 @@ class LazyTensor:
 
     def raw(self) -> np.ndarray:
         """The stored values as numpy; bfloat16 comes as its raw uint16 bits."""
-        return self.read()
+        return self.reader()
 
     def numpy(self) -> np.ndarray:
         """The values as numpy; bfloat16 is widened to float32, which loses nothing."""
-        values = self.read()
+        values = self.reader()
         return bf16_bits_to_float32(values) if self.dtype == "bfloat16" else values
 
     def mlx(self) -> mx.array:
         """The values as an MLX array of the stored dtype (bfloat16 stays bfloat16)."""
-        return raw_to_mlx(self.read(), self.dtype)
+        return raw_to_mlx(self.reader(), self.dtype)
 
 
 class TensorEntry(NamedTuple):
@@ -128,9 +128,14 @@ class TensorEntry(NamedTuple):
     producer: Callable[[], np.ndarray | mx.array]
 
 
-def entries_from_arrays(tensors: dict[str, np.ndarray | mx.array]) -> list[TensorEntry]:
-    """Writer entries for arrays already in memory."""
-    return [TensorEntry(name, dtype_of(array), tuple(array.shape), lambda array=array: array) for name, array in tensors.items()]
+Tensors = Mapping[str, np.ndarray | mx.array] | Iterable[TensorEntry | tuple]
+
+
+def as_entries(tensors: Tensors) -> list[TensorEntry]:
+    """Writer entries from a name -> array mapping (already in memory) or from entries or plain tuples."""
+    if isinstance(tensors, Mapping):
+        return [TensorEntry(name, dtype_of(array), tuple(array.shape), lambda array=array: array) for name, array in tensors.items()]
+    return [TensorEntry(*entry) for entry in tensors]
 
 
 def check_entries(entries: list[TensorEntry]) -> None:
@@ -158,7 +163,7 @@ def produce_raw(entry: TensorEntry) -> np.ndarray:
         array = np.asarray(array)
     if isinstance(array, mx.array):
         produced = dtype_of(array)
-        raw = np.array(array.view(mx.uint16)).reshape(array.shape) if produced == "bfloat16" else np.array(array)
+        raw = np.array(array.view(mx.uint16)) if produced == "bfloat16" else np.array(array)
     elif isinstance(array, np.ndarray):
         produced = "bfloat16" if entry.dtype == "bfloat16" and array.dtype == np.uint16 else dtype_of(array)
         raw = array
@@ -169,7 +174,7 @@ def produce_raw(entry: TensorEntry) -> np.ndarray:
             f"the producer of {entry.name!r} returned {produced} {list(raw.shape)}, "
             f"but it was declared {entry.dtype} {list(entry.shape)}; make them agree"
         )
-    return np.ascontiguousarray(raw, dtype=raw_dtype(entry.dtype))
+    return np.asarray(raw, dtype=raw_dtype(entry.dtype), order="C")
 
 
 def read_span(path: Path, offset: int, nbytes: int) -> np.ndarray:
@@ -185,16 +190,20 @@ def read_span(path: Path, offset: int, nbytes: int) -> np.ndarray:
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
-    """A file that appears at `path` only once it is completely written."""
+    """A file that appears at `path` only once it is completely written.
+
+    The temporary file is opened normally (not with mkstemp) so the result gets the usual
+    umask permissions rather than owner-only ones.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        with os.fdopen(handle, "wb") as f:
+        with open(tmp, "xb") as f:
             yield f
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -18,10 +18,9 @@ import struct
 import zipfile
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -55,24 +54,21 @@ class _Malformed(ValueError):
     """A record in the pickle is not shaped like the one torch writes."""
 
 
-# The stand-ins below are frozen and slotted: a pickle's BUILD opcode cannot set attributes on them,
-# so a hostile file cannot change how the next file is read.
+# The stand-ins below are named tuples: immutable and without a __dict__, so a pickle's BUILD opcode
+# cannot set state on them. Each load gets fresh ones, so nothing one file does reaches the next.
 
 
-@dataclass(frozen=True, slots=True)
-class _StorageType:
+class _StorageType(NamedTuple):
     dtype: str
 
 
-@dataclass(frozen=True, slots=True)
-class _Storage:
+class _Storage(NamedTuple):
     key: str
     dtype: str
     numel: int
 
 
-@dataclass(frozen=True, slots=True)
-class _TensorRecord:
+class _TensorRecord(NamedTuple):
     storage: _Storage
     offset: int
     shape: tuple[int, ...]
@@ -83,22 +79,20 @@ def _is_index(value: Any) -> bool:
     return type(value) is int and value >= 0
 
 
-@dataclass(frozen=True, slots=True)
-class _RebuildTensor:
+class _RebuildTensor(NamedTuple):
     """Stands in for `torch._utils._rebuild_tensor_v2`: records where the tensor's values lie."""
 
     def __call__(self, storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, hooks: Any = None, metadata: Any = None) -> _TensorRecord:
         if not isinstance(storage, _Storage):
             raise _Malformed(f"a tensor's storage is {type(storage).__name__}")
-        if not (_is_index(offset) and isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)):
+        if not (_is_index(offset) and type(size) is tuple and type(stride) is tuple and len(size) == len(stride)):
             raise _Malformed("a tensor record has a malformed offset, size or stride")
         if not all(_is_index(n) for n in size + stride):
             raise _Malformed(f"a tensor record has size {size!r} and stride {stride!r}")
         return _TensorRecord(storage, offset, size, stride)
 
 
-@dataclass(frozen=True, slots=True)
-class _RebuildParameter:
+class _RebuildParameter(NamedTuple):
     """Stands in for `torch._utils._rebuild_parameter`: a parameter is its tensor."""
 
     def __call__(self, data: Any, requires_grad: Any = False, hooks: Any = None) -> _TensorRecord:
@@ -107,12 +101,13 @@ class _RebuildParameter:
         return data
 
 
-_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _RebuildTensor(),
-    ("torch._utils", "_rebuild_parameter"): _RebuildParameter(),
-    **{("torch", name): _StorageType(dtype) for name, dtype in TORCH_STORAGE_DTYPES.items()},
-}
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    return {
+        ("collections", "OrderedDict"): OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): _RebuildTensor(),
+        ("torch._utils", "_rebuild_parameter"): _RebuildParameter(),
+        **{("torch", name): _StorageType(dtype) for name, dtype in TORCH_STORAGE_DTYPES.items()},
+    }
 
 
 class _StateDictUnpickler(pickle.Unpickler):
@@ -121,15 +116,16 @@ class _StateDictUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, source: Path):
         super().__init__(io.BytesIO(data))
         self._source = source
+        self._allowed = _allowed_globals()
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = _ALLOWED_GLOBALS.get((module, name))
+        allowed = self._allowed.get((module, name))
         if allowed is None:
             raise WeightsError(f"refusing to load {self._source}: the pickle asks for {module}.{name}; only tensors and plain containers are allowed")
         return allowed
 
     def persistent_load(self, pid: Any) -> _Storage:
-        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType) and type(pid[2]) is str and _is_index(pid[4]):
+        if type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType) and type(pid[2]) is str and _is_index(pid[4]):
             return _Storage(pid[2], pid[1].dtype, pid[4])
         raise WeightsError(f"refusing to load {self._source}: the pickle refers to {repr(pid)[:80]}; only tensor storages are allowed")
 
@@ -195,16 +191,16 @@ def _data_offset(f: io.BufferedReader, info: zipfile.ZipInfo, path: Path) -> int
 
 def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     expected = 1
-    for size, step in zip(reversed(shape), reversed(stride)):
+    for size, step in zip(reversed(shape), reversed(stride), strict=True):
         if size != 1 and step != expected:
             return False
         expected *= size
     return True
 
 
-def _extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
+def view_extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
     """How many storage elements a non-empty strided view spans, from its first to its last."""
-    return 1 + sum((size - 1) * step for size, step in zip(shape, stride))
+    return 1 + sum((size - 1) * step for size, step in zip(shape, stride, strict=True))
 
 
 def _read_view(path: Path, start: int, dtype: str, shape: tuple[int, ...], stride: tuple[int, ...]) -> np.ndarray:
@@ -214,9 +210,9 @@ def _read_view(path: Path, start: int, dtype: str, shape: tuple[int, ...], strid
         return np.empty(shape, dtype=np_dtype)
     if _is_contiguous(shape, stride):
         return read_span(path, start, numel * np_dtype.itemsize).view(np_dtype).reshape(shape)
-    window = read_span(path, start, _extent(shape, stride) * np_dtype.itemsize).view(np_dtype)
+    window = read_span(path, start, view_extent(shape, stride) * np_dtype.itemsize).view(np_dtype)
     view = np.lib.stride_tricks.as_strided(window, shape, tuple(step * np_dtype.itemsize for step in stride))
-    return np.ascontiguousarray(view)
+    return view.copy()
 
 
 def open_pth(path: str | Path) -> dict[str, LazyTensor]:
@@ -230,10 +226,11 @@ def open_pth(path: str | Path) -> dict[str, LazyTensor]:
         raise WeightsError(_not_a_zip(path, head))
     try:
         with zipfile.ZipFile(path) as archive:
+            members = {info.filename: info for info in archive.infolist()}
             root = _archive_root(archive, path)
             pickled = archive.read(root + "data.pkl")
-            byteorder = archive.read(root + "byteorder") if root + "byteorder" in archive.NameToInfo else b"little"
-            members = dict(archive.NameToInfo)
+            # torch before 2.1 wrote no byteorder record, and only little-endian data
+            byteorder = archive.read(root + "byteorder") if root + "byteorder" in members else b"little"
     except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as e:
         raise WeightsError(f"{path} is truncated or corrupt ({e}); download it again") from None
     if byteorder != b"little":
@@ -256,7 +253,7 @@ def open_pth(path: str | Path) -> dict[str, LazyTensor]:
                 if starts[storage.key] + member.file_size > file_size:
                     raise WeightsError(f"{path} is truncated: storage data/{storage.key} runs past the end of the file; download it again")
             size = itemsize(storage.dtype)
-            if math.prod(record.shape) and (record.offset + _extent(record.shape, record.stride)) * size > member.file_size:
+            if math.prod(record.shape) and (record.offset + view_extent(record.shape, record.stride)) * size > member.file_size:
                 raise WeightsError(f"{path} is corrupt: {name!r} reaches past the end of its storage data/{storage.key}; download it again")
             start = starts[storage.key] + record.offset * size
             reader = partial(_read_view, path, start, storage.dtype, record.shape, record.stride)

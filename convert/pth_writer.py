@@ -28,13 +28,14 @@ import numpy as np
 
 from mlx_starflow.errors import ConfigError, WeightsError
 
-from .checkpoint import FLOAT_DTYPES, TensorEntry, atomic_file, check_entries, entries_from_arrays, mlx_dtype, produce_raw, raw_to_mlx
-from .pth_reader import TORCH_STORAGE_DTYPES
+from .checkpoint import FLOAT_DTYPES, TensorEntry, Tensors, as_entries, atomic_file, check_entries, mlx_dtype, produce_raw, raw_to_mlx
+from .pth_reader import TORCH_STORAGE_DTYPES, view_extent
 
 _STORAGE_CLASS = {dtype: name for name, dtype in TORCH_STORAGE_DTYPES.items()}
 _ALIGNMENT = 64
 _SETITEMS_BATCH = 1000  # what Python's pickler uses
 _ZIP64_LIMIT = 0xFFFFFFFF
+_FLAGS = 0x0808  # sizes and CRC follow the data in a descriptor; names are UTF-8 (as torch sets them)
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,8 @@ class _TorchZip:
         padding = -(offset + 30 + len(encoded) + len(extra) + 4) % _ALIGNMENT
         extra += b"FB" + struct.pack("<H", padding) + b"Z" * padding
         stated = _ZIP64_LIMIT if zip64 else 0
-        self._f.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 0, 0x0808, 0, 0, 0, 0, stated, stated, len(encoded), len(extra)))
+        # local header: signature, version needed, flags, method (stored), time, date, CRC, sizes, name and extra lengths
+        self._f.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 0, _FLAGS, 0, 0, 0, 0, stated, stated, len(encoded), len(extra)))
         self._f.write(encoded + extra)
         crc, written = 0, 0
         for chunk in chunks:
@@ -169,14 +171,17 @@ class _TorchZip:
             large = [value for value in (size, size, offset) if value >= _ZIP64_LIMIT]
             extra = struct.pack(f"<HH{len(large)}Q", 1, 8 * len(large), *large) if large else b""
             size32, offset32 = min(size, _ZIP64_LIMIT), min(offset, _ZIP64_LIMIT)
+            # central record: signature, versions made by / needed, flags, method, time, date, CRC, sizes,
+            # name / extra / comment lengths, disk, internal and external attributes, local header offset
             self._f.write(struct.pack(
-                "<IHHHHHHIIIHHHHHII", 0x02014B50, 0, 45 if large else 0, 0x0808, 0, 0, 0,
+                "<IHHHHHHIIIHHHHHII", 0x02014B50, 0, 45 if large else 0, _FLAGS, 0, 0, 0,
                 crc, size32, size32, len(encoded), len(extra), 0, 0, 0, 0, offset32,
             ))
             self._f.write(encoded + extra)
         directory_size = self._f.tell() - directory_offset
         count = len(self._entries)
         end64_offset = self._f.tell()
+        # zip64 end record, its locator, then the classic end record (saturated where zip64 is needed)
         self._f.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 0x031E, 45, 0, 0, count, count, directory_size, directory_offset))
         self._f.write(struct.pack("<IIQI", 0x07064B50, 0, end64_offset, 1))
         self._f.write(struct.pack(
@@ -199,11 +204,11 @@ def _check_views(views: Sequence[TensorView], storages: Mapping[str, tuple[str, 
     for view in views:
         if view.storage not in storages:
             raise WeightsError(f"tensor {view.name!r} views storage {view.storage!r}, which is not written; add it")
-        dtype, numel = storages[view.storage]
+        numel = storages[view.storage][1]
         stride = view.strides()
         if len(stride) != len(view.shape) or min((*view.shape, *stride, view.offset), default=0) < 0:
             raise WeightsError(f"tensor {view.name!r} has shape {view.shape} and stride {stride}; give both one non-negative entry per axis")
-        if math.prod(view.shape) and view.offset + 1 + sum((n - 1) * s for n, s in zip(view.shape, stride)) > numel:
+        if math.prod(view.shape) and view.offset + view_extent(view.shape, stride) > numel:
             raise WeightsError(f"tensor {view.name!r} reaches past the end of storage {view.storage!r} ({numel} elements)")
 
 
@@ -214,7 +219,7 @@ def write_pth(path: str | Path, storages: Sequence[TensorEntry | tuple], views: 
     give them offsets and strides, as torch itself does for views.
     """
     path = Path(path)
-    entries = [TensorEntry(*entry) for entry in storages]
+    entries = as_entries(storages)
     check_entries(entries)
     for entry in entries:
         if entry.dtype not in _STORAGE_CLASS:
@@ -258,7 +263,7 @@ def _cast(entry: TensorEntry, dtype: str) -> TensorEntry:
     return TensorEntry(entry.name, dtype, entry.shape, produce)
 
 
-def save_pth(path: str | Path, tensors: Mapping[str, np.ndarray | mx.array] | Iterable[TensorEntry | tuple], *, dtype: str | None = None) -> None:
+def save_pth(path: str | Path, tensors: Tensors, *, dtype: str | None = None) -> None:
     """Write a flat state dict that `torch.load` reads, from arrays or streaming entries.
 
     `tensors` is a name -> array mapping or `(name, dtype, shape, producer)` entries (see
@@ -267,7 +272,7 @@ def save_pth(path: str | Path, tensors: Mapping[str, np.ndarray | mx.array] | It
     """
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not a floating dtype; use one of {', '.join(sorted(FLOAT_DTYPES))}")
-    entries = entries_from_arrays(dict(tensors)) if isinstance(tensors, Mapping) else [TensorEntry(*entry) for entry in tensors]
+    entries = as_entries(tensors)
     if dtype is not None:
         entries = [_cast(entry, dtype) for entry in entries]
     check_entries(entries)

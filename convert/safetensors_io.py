@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import numpy as np
 
 from mlx_starflow.errors import ModelNotFound, WeightsError
 
-from .checkpoint import LazyTensor, TensorEntry, atomic_file, check_entries, itemsize, produce_raw, raw_dtype, read_span
+from .checkpoint import LazyTensor, TensorEntry, Tensors, as_entries, atomic_file, check_entries, itemsize, produce_raw, raw_dtype, read_span
 
 _DTYPE_BY_CODE: dict[str, str] = {
     "F32": "float32",
@@ -169,13 +169,14 @@ def _header_bytes(entries: list[TensorEntry], metadata: Mapping[str, str] | None
     return text + b" " * (-len(text) % _ALIGNMENT)
 
 
-def write_safetensors(path: str | Path, tensors: Iterable[TensorEntry | tuple], metadata: Mapping[str, str] | None = None) -> None:
-    """Write `(name, dtype, shape, producer)` entries to a safetensors file, one tensor at a time.
+def write_safetensors(path: str | Path, tensors: Tensors, metadata: Mapping[str, str] | None = None) -> None:
+    """Write `(name, dtype, shape, producer)` entries, or a name -> array mapping, to safetensors.
 
-    The file appears at `path` only when complete; a producer whose array disagrees with its
-    declared dtype or shape stops the write with an error.
+    Each producer runs just before its tensor is written, so memory stays near one tensor. The file
+    appears at `path` only when complete; a producer whose array disagrees with its declared dtype
+    or shape stops the write with an error.
     """
-    entries = [TensorEntry(*entry) for entry in tensors]
+    entries = as_entries(tensors)
     check_entries(entries)
     if any(entry.name == _METADATA_KEY for entry in entries):
         raise WeightsError(f"{_METADATA_KEY} is reserved in safetensors; rename that tensor")

@@ -51,6 +51,9 @@ def atomic_folder(out: str | Path, force: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; a model folder is an ordinary folder
     try:
         yield tmp
         if out.exists():

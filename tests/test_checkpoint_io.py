@@ -216,6 +216,20 @@ def test_malicious_pickles_are_refused_before_running(tmp_path, global_name, pro
     assert not marker.exists()
 
 
+def test_a_pickle_cannot_reconfigure_the_reader(fixtures_dir, tmp_path):
+    # BUILD with slot state on the FloatStorage stand-in, trying to make float32 storages read as int64.
+    retype = b"\x80\x02ctorch\nFloatStorage\nN}X\x05\x00\x00\x00dtypeX\x05\x00\x00\x00int64s\x86b."
+    # BUILD with a __dict__ update on the tensor-rebuild stand-in.
+    rebind = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n}X\x08\x00\x00\x00__call__K\x01sb."
+    for name, pickled in (("retype.pth", retype), ("rebind.pth", rebind)):
+        torch_zip(tmp_path / name, pickled)
+        with pytest.raises(WeightsError, match=r"is corrupt: its data\.pkl does not unpickle"):
+            open_checkpoint(tmp_path / name)
+    tensors = open_checkpoint(fixtures_dir / "starflow" / "model.pth")
+    assert tensors["var"].dtype == "float32"
+    np.testing.assert_array_equal(tensors["var"].numpy(), np.ones((64, 4), np.float32))
+
+
 def test_wrapped_state_dict_is_unwrapped_and_other_contents_are_named(fixtures_dir, tmp_path):
     source = fixtures_dir / "starflow" / "model.pth"
     for key in ("model", "state_dict", "ema"):
@@ -276,7 +290,7 @@ def test_sharded_checkpoint_with_a_missing_shard_is_refused(fixtures_dir, tmp_pa
     sharded = fixtures_dir / "t5" / "sharded"
     for name in ("model.safetensors.index.json", "model-00001-of-00002.safetensors"):
         (tmp_path / name).write_bytes((sharded / name).read_bytes())
-    with pytest.raises(WeightsError, match="names shard model-00002-of-00002.safetensors, which is missing"):
+    with pytest.raises(WeightsError, match=r"names shard model-00002-of-00002\.safetensors, which is missing"):
         open_checkpoint(tmp_path)
 
 

@@ -43,6 +43,7 @@ def _compile(pattern: str) -> re.Pattern:
 
 
 _COMPILED = tuple((_compile(src), dst) for src, dst in RULES)
+_REVERSED = tuple((_compile(dst), src) for src, dst in RULES)
 _DEPRECATED = tuple(re.compile(p + r"\Z") for p in DEPRECATED)
 
 
@@ -68,6 +69,15 @@ def map_name(key: str) -> str | None:
         if match:
             return template.format(**match.groupdict())
     return None
+
+
+def official_name(ours: str) -> str:
+    """The official key of one of our names (the same table read backwards), for exporting."""
+    for pattern, template in _REVERSED:
+        match = pattern.match(ours)
+        if match:
+            return template.format(**match.groupdict())
+    raise KeyError(f"{ours} has no official name")
 
 
 def map_names(official: Iterable[str], expected: Iterable[str]) -> dict[str, str]:
