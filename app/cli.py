@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import sys
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -17,6 +16,12 @@ from rich.markup import escape
 from mlx_starflow.errors import StarFlowError
 
 from .commands import convert as convert_command
+from .commands import export_coreml as export_coreml_command
+from .commands import demo_data as demo_data_command
+from .commands import train as train_command
+from .commands import generate as generate_command
+from .commands import info as info_command
+from .commands import score as score_command
 
 app = typer.Typer(
     name="starflow",
@@ -24,8 +29,15 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 app.command("convert")(convert_command.convert)
+app.command("export-coreml")(export_coreml_command.export_coreml)
+app.command("train")(train_command.train)
+app.command("demo-data")(demo_data_command.demo_data)
+app.command("generate")(generate_command.generate)
+app.command("info")(info_command.info)
+app.command("score")(score_command.score)
 
 stderr = Console(stderr=True, highlight=False)
 _state = {"debug": False}
@@ -38,29 +50,24 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show full traceb
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `starflow` script; returns the exit code."""
+    """Entry point of the `starflow` script; returns the exit code.
+
+    typer handles usage errors itself (message and exit code 2) and turns Ctrl-C into exit 1.
+    """
     try:
-        app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as done:
-        return done.exit_code
-    except click.ClickException as usage:
-        usage.show()
-        return usage.exit_code
-    except click.exceptions.Abort:
-        stderr.print("interrupted")
-        return 130
+        app(args=argv, prog_name="starflow")
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except (StarFlowError, FileExistsError, FileNotFoundError, PermissionError, ValueError) as error:
         if _state["debug"]:
             raise
         stderr.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
         return 1
-    except KeyboardInterrupt:
-        stderr.print("interrupted")
-        return 130
     except Exception as error:  # a bug: keep the one-line contract, the traceback is one flag away
         if _state["debug"]:
             raise
-        stderr.print(f"[red]internal error:[/red] {type(error).__name__}: {escape(str(error))} (run again with --debug for the traceback)", soft_wrap=True)
+        stderr.print(f"[red]internal error:[/red] {type(error).__name__}: {escape(str(error))} "
+                     "(run again with --debug for the traceback)", soft_wrap=True)
         return 1
     return 0
 

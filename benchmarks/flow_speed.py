@@ -74,6 +74,26 @@ def jacobi_vs_sequential(flow: StarFlow, guidance: float = 3.6, block_size: int 
     return rows
 
 
+def denoise_memory(flow: StarFlow) -> list[dict]:
+    """Extra peak memory and time of one score step (one image), with and without recomputing
+    each layer's activations in the backward pass (`StarFlow.denoise` recomputes)."""
+    noise, y = _inputs(flow, guidance=0.0)
+    dims = noise.size
+    variants = {
+        "keep activations": lambda: noise - 0.09 * mx.grad(lambda x: mx.sum(flow.nll(x, y)) * dims)(noise),
+        "recompute per layer (default)": lambda: flow.denoise(noise, y, noise_std=0.3),
+    }
+    rows = []
+    for name, step in variants.items():
+        mx.eval(noise, y)
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        mx.eval(step())
+        rows.append({"variant": name, "gb": (mx.get_peak_memory() - base) / 1e9, "seconds": time.perf_counter() - start})
+    return rows
+
+
 def run(width: int, latent: int) -> str:
     flow = seeded_flow(scaled_config(width, latent))
     lines = [f"### Flow sampling: 3B layout (layers 2,2,2,2,2,24, text 128×2048), width {width}, latent {latent}×{latent}", ""]
@@ -90,4 +110,7 @@ def run(width: int, latent: int) -> str:
     base = rows[0]["seconds"]
     for r in rows:
         lines.append(f"| {r['sampler']} | {r['passes']} | {r['seconds']:.1f} | {base / r['seconds']:.2f}× | {r['max_diff']:.2e} |")
+    lines += ["", "| score-step denoise, 1 image | extra peak memory GB | wall s |", "|---|---|---|"]
+    for r in denoise_memory(flow):
+        lines.append(f"| {r['variant']} | {r['gb']:.2f} | {r['seconds']:.1f} |")
     return "\n".join(lines)

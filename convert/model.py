@@ -2,7 +2,8 @@
 
 A model folder holds one component folder each (`flow/`, `text_encoder/` or `labels/`,
 `vae/`, optionally a fine-tuned `decoder/`) and a top-level `manifest.json`, written last, that
-names them. It is built in a temporary folder and renamed into place only when complete.
+names them and every source file with its sha256. It is built in a temporary folder and
+renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -11,16 +12,21 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from mlx_starflow.config import LabelConfig
+from mlx_starflow.config import FlowConfig, LabelConfig, T5Config, VAEConfig
 from mlx_starflow.errors import ConfigError, ModelNotFound
-from mlx_starflow.model_io import atomic_folder, sha256_file, write_manifest
+from mlx_starflow.model_io import atomic_folder, read_manifest, sha256_file, write_manifest
+from mlx_starflow.pipeline import MODEL_KIND
 
 from .flow import write_flow
 from .official_config import OfficialConfig, read_official_config
+from .t5 import convert_t5
+from .vae import convert_finetuned_decoder, convert_vae
 
 log = logging.getLogger(__name__)
 
-MODEL_KIND = "starflow.model"
+VAE_DTYPE = "float32"
+"""The VAE and fine-tuned decoder stay float32, as the official sampler decodes: they are small
+(84 M parameters) and decoding runs once per image."""
 
 
 def read_vocab(path: Path) -> tuple[str, ...]:
@@ -58,6 +64,12 @@ def write_labels(folder: Path, vocab: Path, txt_dim: int) -> LabelConfig:
     return config
 
 
+def text_encoder_dtype(flow_dtype: str) -> str:
+    """T5 runs in the flow's dtype, except float16 → bfloat16: T5's feed-forward activations
+    overflow float16 (transformers keeps T5's `wo` in float32 for that reason)."""
+    return "bfloat16" if flow_dtype == "float16" else flow_dtype
+
+
 def convert_model(
     src: str | Path,
     config: str | Path,
@@ -66,26 +78,88 @@ def convert_model(
     quantize: int | None = None,
     force: bool = False,
     labels: str | Path | None = None,
+    text_encoder: str | Path | None = None,
+    vae: str | Path | None = None,
+    decoder: str | Path | None = None,
+    name: str | None = None,
+    source_sha256: str | None = None,
+    origin: dict[str, str] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Convert an official checkpoint + YAML into a model folder at `out`.
 
-    Label-conditioned configs (`text: NAME.vocab`) also get their `labels/` component; text
-    models get their text encoder and VAE from `starflow generate`'s first run or from the
-    pipeline's own converters.
+    Label-conditioned configs (`text: NAME.vocab`) get their `labels/` component. Text models
+    get `text_encoder/` from a Hugging Face T5 folder (`text_encoder`) and `vae/` from a
+    diffusers VAE folder (`vae`); without them the folder holds the flow alone, which
+    `load_flow` reads but `mlx_starflow.load` refuses. `decoder` adds STARFlow's fine-tuned
+    noisy-latent decoder (`pytorch_model.bin` or a `finetune_decoder.py` .pth). `source_sha256`
+    spares hashing a checkpoint whose digest the caller already knows; `origin` is recorded in
+    the top manifest for a cache to tell whether the folder is current.
     """
     src, out = Path(src), Path(out)
     if not src.exists():
         raise ModelNotFound(f"checkpoint {src} does not exist; pass the official .pth (or .safetensors) file")
     official = read_official_config(config)
+    check_components(official, text_encoder, vae, decoder)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    source = {"path": str(src.resolve()), "sha256": sha256_file(src)}
+    sources = [{"path": str(src.resolve()), "sha256": source_sha256 or sha256_file(src)}]
     with atomic_folder(out, force=force) as tmp:
-        flow = write_flow(tmp / "flow", src, source["sha256"], official, dtype=dtype, quantize=quantize, progress=progress)
+        flow = write_flow(tmp / "flow", src, sources[0]["sha256"], official, dtype=dtype, quantize=quantize, progress=progress)
         components = ["flow"]
         if official.is_label_model:
             write_labels(tmp / "labels", find_vocab(official, labels), flow.txt_dim)
             components.append("labels")
-        write_manifest(tmp, MODEL_KIND, sources=[source], components=components)
+        if text_encoder is not None:
+            convert_t5(text_encoder, tmp / "text_encoder", dtype=text_encoder_dtype(dtype))
+            check_text_width(tmp / "text_encoder", flow)
+            components.append("text_encoder")
+        if vae is not None:
+            convert_vae(vae, tmp / "vae", dtype=VAE_DTYPE)
+            check_vae_fits(tmp / "vae", flow)
+            components.append("vae")
+        if decoder is not None:
+            convert_finetuned_decoder(decoder, tmp / "vae", tmp / "decoder", dtype=VAE_DTYPE)
+            components.append("decoder")
+        for component in components[1:]:
+            sources += [source for source in _component_sources(tmp / component) if not source["path"].startswith(str(tmp))]
+        extra = {"origin": origin} if origin else {}
+        write_manifest(tmp, MODEL_KIND, sources=sources, components=components, name=name or src.stem, **extra)
     return out
+
+
+def check_components(official: OfficialConfig, text_encoder: str | Path | None, vae: str | Path | None,
+                     decoder: str | Path | None) -> None:
+    """Refuse components the config has no use for, before anything is written."""
+    if text_encoder is not None and official.is_label_model:
+        raise ConfigError(f"{official.path} is a label-conditioned model; it takes no --text-encoder")
+    if text_encoder is not None and not official.text_encoder:
+        raise ConfigError(f"{official.path} names no text encoder (no text: key); it takes no --text-encoder")
+    if vae is not None and not official.vae:
+        raise ConfigError(f"{official.path} is a pixel-space model (no vae: key); it takes no --vae")
+    if decoder is not None and vae is None:
+        raise ConfigError("--decoder needs --vae too: the fine-tuned decoder replaces the base VAE's decoder only")
+
+
+def check_text_width(folder: Path, flow: FlowConfig) -> None:
+    width = T5Config.load(folder).d_model
+    if width != flow.txt_dim:
+        raise ConfigError(
+            f"the text encoder's width is {width} but the checkpoint's text projection takes {flow.txt_dim}; "
+            "pass the text encoder the model was trained with (google/flan-t5-xl for the official model)"
+        )
+
+
+def check_vae_fits(folder: Path, flow: FlowConfig) -> None:
+    config = VAEConfig.load(folder)
+    if config.latent_channels != flow.in_channels or config.downsample_factor != flow.vae_factor:
+        raise ConfigError(
+            f"the VAE has {config.latent_channels} latent channels and factor {config.downsample_factor}, the flow expects "
+            f"{flow.in_channels} and {flow.vae_factor}; pass the VAE the model was trained with (stabilityai/sd-vae-ft-ema)"
+        )
+
+
+def _component_sources(folder: Path) -> list[dict]:
+    """A component's own source list (from its manifest), each path prefixed with the component."""
+    manifest = read_manifest(folder)
+    return [{**source, "component": folder.name} for source in manifest.get("sources", [])]

@@ -3,10 +3,14 @@
 from .config import FlowConfig, LabelConfig, T5Config, VAEConfig
 from .errors import ConfigError, ModelNotFound, StarFlowError, WeightsError
 from .flow import SampleProgress, StarFlow, load_flow
+from .pipeline import load
+from .text_encoder import TextEncoder, load_text_encoder
+from .vae import VAE, load_vae
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "FlowConfig", "LabelConfig", "ModelNotFound", "SampleProgress", "StarFlow", "StarFlowError",
-    "T5Config", "VAEConfig", "WeightsError", "load_flow", "__version__",
+    "T5Config", "TextEncoder", "VAE", "VAEConfig", "WeightsError", "load", "load_flow", "load_text_encoder", "load_vae",
+    "__version__",
 ]

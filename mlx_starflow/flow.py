@@ -93,13 +93,14 @@ class StarFlow(nn.Module):
 
     # ---- likelihood direction -------------------------------------------------------------
 
-    def forward(self, x, y=None, guidance: float = 0.0, return_sequence: bool = False):
+    def forward(self, x, y=None, guidance: float = 0.0, return_sequence: bool = False, checkpoint: bool = False):
         """Latent x (B,C,H,W) → (z, logdets[, outputs]).
 
         logdets: one (B, N, C·p²) array per block, in that block's token order. outputs: the
         patchified input and every block's output, (B, H/p, W/p, C·p²). With guidance > 0, y has
         conditional rows then unconditional rows and x as many rows (or half, then duplicated);
-        the deep block's Gaussians are guided, as the official guided forward.
+        the deep block's Gaussians are guided, as the official guided forward. `checkpoint`
+        recomputes activations in the backward pass, for gradients with less memory.
         """
         x = _as_float32(x)
         self._check_latent(x, "x")
@@ -117,7 +118,7 @@ class StarFlow(nn.Module):
             text = y if block.has_text else None
             cos, sin = self._rope(h, w, text.shape[1] if text is not None else 0)
             rows = block.order(tokens.reshape(B, h * w, channels))
-            a, mu = block(rows, text, cos, sin)
+            a, mu = block(rows, text, cos, sin, checkpoint)
             sigma = scale_from_logit(a, self.config.use_softplus)
             if index == last and guidance > 0:
                 mu, sigma = guided_gaussian(mu, sigma, guidance)
@@ -128,9 +129,9 @@ class StarFlow(nn.Module):
         z = self.unpatchify(tokens)
         return (z, logdets, outputs) if return_sequence else (z, logdets)
 
-    def nll(self, x, y=None) -> mx.array:
+    def nll(self, x, y=None, checkpoint: bool = False) -> mx.array:
         """The official loss per sample (nats per dimension, without ½·ln 2π), on x as given."""
-        z, logdets = self.forward(x, y)
+        z, logdets = self.forward(x, y, checkpoint=checkpoint)
         return nll_per_sample(z, logdets)
 
     def bits_per_dim(self, x, y=None) -> mx.array:
@@ -150,7 +151,7 @@ class StarFlow(nn.Module):
         dims = math.prod(x.shape[1:])
 
         def total_nll(latent: mx.array) -> mx.array:
-            return mx.sum(self.nll(latent, y)) * dims
+            return mx.sum(self.nll(latent, y, checkpoint=True)) * dims
 
         return x - sigma**2 * mx.grad(total_nll)(x)
 

@@ -56,10 +56,14 @@ class FlowBlock(nn.Module):
         out = soft_clip(self.proj_out(h).astype(mx.float32), self.soft_clip_bound)
         return mx.split(out, 2, axis=-1)
 
-    def __call__(self, tokens: mx.array, text: mx.array | None, cos: mx.array, sin: mx.array) -> tuple[mx.array, mx.array]:
+    def __call__(
+        self, tokens: mx.array, text: mx.array | None, cos: mx.array, sin: mx.array, checkpoint: bool = False
+    ) -> tuple[mx.array, mx.array]:
         """Likelihood direction on tokens in this block's order: (scale logit, shift) per token.
 
-        cos/sin cover the text prefix (if any) followed by the tokens.
+        cos/sin cover the text prefix (if any) followed by the tokens. With `checkpoint`, each
+        layer's activations are recomputed in the backward pass instead of kept (gradients of
+        the 3B model then need about one layer's activations, not 34).
         """
         h = self.proj_in(self.shifted_inputs(tokens).astype(self.compute_dtype))
         prefix = 0
@@ -67,7 +71,7 @@ class FlowBlock(nn.Module):
             h = mx.concatenate([self.proj_txt(text.astype(self.compute_dtype)), h], axis=1)
             prefix = text.shape[1]
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = (nn.utils.checkpoint(layer) if checkpoint else layer)(h, cos, sin)
         return self.head(h[:, prefix:])
 
     def make_cache(self, batch: int, length: int) -> KVCache:

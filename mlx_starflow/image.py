@@ -7,11 +7,13 @@ Normalize). Both are reproduced operation by operation so the uint8 values match
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -81,3 +83,40 @@ def make_grid(images: list[np.ndarray], columns: int | None = None, padding: int
         left = (index % columns) * (width + padding) + padding
         grid[:, top : top + height, left : left + width] = image
     return grid
+
+
+def save_png(image: Image.Image, path: str | Path, metadata: dict[str, str] | None = None, overwrite: bool = False) -> Path:
+    """Write a PNG with `metadata` as text chunks, atomically: a failure leaves no file behind.
+
+    An existing file is refused unless `overwrite`, so a run never replaces an image silently.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another output or pass --force")
+    info = PngImagePlugin.PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_itxt(key, str(value))
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temporary, "xb") as f:  # a fresh file, so its permissions follow the umask
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def fit_image(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 (3, H, W) → (3, height, width) as the official data pipeline prepares images: the
+    largest centred window of the target's aspect ratio, resized bilinearly (with antialiasing)."""
+    image = Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)))
+    if image.width * height > image.height * width:
+        crop_width, crop_height = round(image.height * width / height), image.height
+    else:
+        crop_width, crop_height = image.width, round(image.width * height / width)
+    left, top = (image.width - crop_width) // 2, (image.height - crop_height) // 2
+    image = image.crop((left, top, left + crop_width, top + crop_height))
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    return pil_to_uint8(image)

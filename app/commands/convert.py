@@ -1,4 +1,4 @@
-"""`starflow convert`: an official checkpoint + YAML config → a model folder."""
+"""`starflow convert`: an official checkpoint + YAML config (+ text encoder, VAE) → a model folder."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from convert.model import convert_model
+from convert.official_config import read_official_config
 
 from ..progress import tensor_progress
 
@@ -19,6 +20,9 @@ def convert(
     dtype: str = typer.Option("float32", "--dtype", help="Weight dtype: float32, float16 or bfloat16."),
     quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="Quantise the attention/MLP linears to 4 or 8 bits (MLX affine, group 64)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Class vocabulary of a label model (default: the YAML's text: file beside the YAML)."),
+    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="Hugging Face T5 folder (google/flan-t5-xl: config.json, tokenizer.json, weights) for a text model."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="diffusers VAE folder (stabilityai/sd-vae-ft-ema: config.json, diffusion_pytorch_model.safetensors)."),
+    decoder: Optional[Path] = typer.Option(None, "--decoder", help="STARFlow's fine-tuned noisy-latent decoder (pytorch_model.bin or .pth); used instead of the score step."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Convert an official STARFlow checkpoint without PyTorch (memory stays near one tensor)."""
@@ -27,5 +31,10 @@ def convert(
     if quantize not in (None, 4, 8):
         raise ValueError(f"--quantize must be 4 or 8, not {quantize}")
     with tensor_progress("converting") as progress:
-        folder = convert_model(src, config, out, dtype=dtype, quantize=quantize, force=force, labels=labels, progress=progress)
+        folder = convert_model(src, config, out, dtype=dtype, quantize=quantize, force=force, labels=labels,
+                               text_encoder=text_encoder, vae=vae, decoder=decoder, progress=progress)
     typer.echo(f"wrote {folder}")
+    official = read_official_config(config)
+    needs_text = bool(official.text_encoder) and not official.is_label_model and text_encoder is None
+    if needs_text or (official.vae and vae is None):
+        typer.echo("this folder holds the flow only; add --text-encoder DIR and --vae DIR to make it a model `starflow generate` runs")

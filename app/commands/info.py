@@ -1,0 +1,100 @@
+"""`starflow info`: what is installed and cached, or what one model folder holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import typer
+from mlx.utils import tree_flatten
+from rich.console import Console
+from rich.table import Table
+
+from convert.hub import cached_repos, converted_models, hub_cache, models_folder
+from mlx_starflow.config import FlowConfig, LabelConfig, T5Config, VAEConfig
+from mlx_starflow.flow import StarFlow
+from mlx_starflow.model_io import read_manifest
+from mlx_starflow.pipeline import available_memory
+from mlx_starflow.t5 import T5Encoder
+from mlx_starflow.vae import VAE
+
+DEMO_MODEL = Path("weights") / "demo"
+
+stdout = Console(highlight=False)
+
+
+def info(
+    model: Optional[Path] = typer.Argument(None, help="A model folder to describe; without it, everything installed and cached."),
+) -> None:
+    """Show converted models, the Hugging Face cache and the machine, or one model folder's parts."""
+    if model is not None:
+        describe_model(model)
+        return
+    stdout.print(f"mlx {mx.__version__} on {mx.default_device()}, {available_memory() / 2**30:.1f} GiB of memory for generation")
+    models = Table("converted model", "state", "flow", "size", title=f"models folder {models_folder()} (STARFLOW_HOME moves it)", title_justify="left")
+    for path, current, size in converted_models():
+        models.add_row(path.name, "ready" if current else "stale or incomplete (redone on next use)", flow_summary(path), gigabytes(size))
+    if DEMO_MODEL.is_dir():
+        models.add_row(str(DEMO_MODEL), "shipped demo", flow_summary(DEMO_MODEL), gigabytes(folder_bytes(DEMO_MODEL)))
+    stdout.print(models if models.row_count else f"models folder {models_folder()}: no converted models yet")
+    repos = Table("repository", "state", "size", "snapshot", title=f"Hugging Face cache {hub_cache()}", title_justify="left")
+    for repo in cached_repos():
+        state = "complete" if repo.complete else ("incomplete" if repo.folder else "not downloaded")
+        repos.add_row(repo.repo_id, state, gigabytes(repo.bytes) if repo.folder else "", repo.folder.name[:12] if repo.folder else "")
+    stdout.print(repos)
+
+
+def describe_model(folder: Path) -> None:
+    """Components with dtype, quantisation, parameters and bytes, and the size the model generates."""
+    manifest = read_manifest(folder)
+    table = Table("component", "kind", "dtype", "parameters", "size", title=f"{folder} ({manifest.get('name', folder.name)})", title_justify="left")
+    for component in manifest.get("components", []):
+        part = folder / component
+        files = read_manifest(part).get("files", {})
+        config = json.loads((part / "config.json").read_text())
+        table.add_row(component, config.get("kind", "?"), dtype_text(config), parameter_count(part), gigabytes(sum(f["bytes"] for f in files.values())))
+    stdout.print(table)
+    if (folder / "flow").is_dir():
+        flow = FlowConfig.load(folder / "flow")
+        side = flow.latent_size * flow.vae_factor
+        stdout.print(
+            f"flow: {flow.num_blocks} blocks with {'/'.join(map(str, flow.layers_per_block))} layers, width {flow.channels}, "
+            f"condition {flow.txt_size}×{flow.txt_dim}; images {side}x{side} by default, sides multiples of {flow.vae_factor * flow.patch_size}"
+        )
+    for source in manifest.get("sources", []):
+        stdout.print(f"source {source.get('component', 'flow')}: {source['path']} sha256 {source['sha256'][:16]}…")
+
+
+def parameter_count(folder: Path) -> str:
+    """Parameters from the config alone (MLX builds the module lazily, nothing is allocated)."""
+    kind = json.loads((folder / "config.json").read_text()).get("kind")
+    builders = {FlowConfig.KIND: lambda: StarFlow(FlowConfig.load(folder)), T5Config.KIND: lambda: T5Encoder(T5Config.load(folder)),
+                VAEConfig.KIND: lambda: VAE(VAEConfig.load(folder))}
+    if kind == LabelConfig.KIND:
+        return f"{LabelConfig.load(folder).num_classes} labels"
+    if kind not in builders:
+        return ""
+    count = sum(value.size for _, value in tree_flatten(builders[kind]().parameters()))
+    return f"{count / 1e6:,.1f} M"
+
+
+def dtype_text(config: dict) -> str:
+    quantization = config.get("quantization")
+    return str(config.get("dtype", "")) + (f", {quantization['bits']}-bit" if quantization else "")
+
+
+def flow_summary(folder: Path) -> str:
+    try:
+        return dtype_text(json.loads((folder / "flow" / "config.json").read_text()))
+    except (OSError, ValueError):
+        return "?"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def gigabytes(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"

@@ -1,0 +1,66 @@
+import Foundation
+import StarFlow
+
+/// `starflow-swift generate "prompt" --model DIR ...`: one PNG from a Core ML export.
+enum GenerateCommand {
+    static let usage = """
+        starflow-swift generate "prompt" --model EXPORT_DIR [--seed N] [--guidance 3.6] [--jacobi | --sequential]
+                       [--jacobi-block-size 16] [--jacobi-threshold 0.001] [--jacobi-max-iter 32] [--no-denoise]
+                       [--output starflow.png] [--compute-units cpuAndGPU|all|cpuAndNeuralEngine|cpuOnly]
+        """
+
+    struct Request {
+        let prompt: String
+        let model: URL
+        let output: URL
+        let computeUnits: ComputeUnits
+        let configuration: GenerationConfiguration
+    }
+
+    static func parse(_ arguments: [String]) throws -> Request {
+        let parsed = try ParsedArguments(
+            arguments,
+            options: ["model", "seed", "guidance", "jacobi-block-size", "jacobi-threshold", "jacobi-max-iter", "output", "compute-units"],
+            flags: ["jacobi", "sequential", "no-denoise"])
+        let prompt = try parsed.single("prompt")
+        guard let model = parsed.string("model") else { throw UsageError("--model is required (a folder written by `starflow export-coreml`)") }
+        guard !(parsed.has("jacobi") && parsed.has("sequential")) else { throw UsageError("choose one of --jacobi and --sequential") }
+        let unitsName = parsed.string("compute-units") ?? ComputeUnits.cpuAndGPU.rawValue
+        guard let units = ComputeUnits(rawValue: unitsName) else {
+            throw UsageError("--compute-units must be one of \(ComputeUnits.allCases.map(\.rawValue).joined(separator: ", ")), got \(unitsName)")
+        }
+        var configuration = GenerationConfiguration()
+        if let seed = try parsed.int("seed") {
+            guard let value = UInt32(exactly: seed) else { throw UsageError("--seed must be between 0 and 4294967295") }
+            configuration.seed = value
+        }
+        configuration.guidance = try parsed.float("guidance") ?? configuration.guidance
+        configuration.jacobi = !parsed.has("sequential")
+        configuration.jacobiBlockSize = try parsed.int("jacobi-block-size") ?? configuration.jacobiBlockSize
+        configuration.jacobiThreshold = try parsed.float("jacobi-threshold") ?? configuration.jacobiThreshold
+        configuration.jacobiMaxIter = try parsed.int("jacobi-max-iter") ?? configuration.jacobiMaxIter
+        configuration.denoise = !parsed.has("no-denoise")
+        return Request(prompt: prompt, model: URL(fileURLWithPath: model),
+                       output: URL(fileURLWithPath: parsed.string("output") ?? "starflow.png"),
+                       computeUnits: units, configuration: configuration)
+    }
+
+    static func run(_ arguments: [String], output: @escaping (String) -> Void) async throws {
+        let request = try parse(arguments)
+        #if canImport(CoreML)
+        let pipeline = try await StarFlowPipeline.load(resourcesAt: request.model, computeUnits: request.computeUnits)
+        var lastBlock = -1
+        let generated = try pipeline.generate(prompt: request.prompt, configuration: request.configuration) { progress in
+            if progress.block != lastBlock || progress.tokensDone == progress.tokensTotal {
+                lastBlock = progress.block
+                output("block \(progress.block) (\(progress.stage + 1)/\(progress.stageCount)): \(progress.tokensDone)/\(progress.tokensTotal) tokens, \(progress.passes) passes, \(String(format: "%.1f", progress.elapsed)) s")
+            }
+            return true
+        }
+        try PNGEncoder.write(generated.image, to: request.output)
+        output("wrote \(request.output.path)")
+        #else
+        throw StarFlowError.coreMLUnavailable
+        #endif
+    }
+}

@@ -1,0 +1,3 @@
+import Foundation
+
+exit(await CommandLineTool().run(Array(CommandLine.arguments.dropFirst())))

@@ -1,0 +1,64 @@
+import Foundation
+import Testing
+@testable import StarFlow
+@testable import starflow_swift
+
+/// The `starflow-swift` front end: the tokenize command on the fixture tokenizer, and one-line
+/// errors with the documented exit statuses.
+struct CommandLineToolTests {
+    final class Capture {
+        var output: [String] = []
+        var errors: [String] = []
+    }
+
+    func run(_ arguments: [String]) async -> (status: Int32, capture: Capture) {
+        let capture = Capture()
+        let tool = CommandLineTool(output: { capture.output.append($0) }, errorOutput: { capture.errors.append($0) })
+        return (await tool.run(arguments), capture)
+    }
+
+    @Test func tokenizePrintsTheFixtureIds() async throws {
+        let tokenizer = try Fixtures.file("t5/tokenizer.json").path
+        let ids = try Fixtures.safetensors("t5/fixtures.safetensors").integers("cfg.input_ids")
+        let (status, capture) = await run(["tokenize", "red panda", "--tokenizer", tokenizer, "--length", "16"])
+        #expect(status == 0)
+        let line = try #require(capture.output.first)
+        let json = try #require(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: [Int]])
+        #expect(json["input_ids"] == Array(ids.values[16..<32]))
+        #expect(json["attention_mask"] == [1, 1, 1, 1, 1] + [Int](repeating: 0, count: 11))
+    }
+
+    @Test func generateParsesEveryOption() throws {
+        let request = try GenerateCommand.parse([
+            "a red panda", "--model", "/models/export", "--seed", "7", "--guidance", "2.5", "--sequential",
+            "--no-denoise", "--output", "panda.png", "--compute-units", "cpuAndNeuralEngine", "--jacobi-block-size", "8",
+        ])
+        #expect(request.prompt == "a red panda" && request.model.path == "/models/export" && request.output.lastPathComponent == "panda.png")
+        #expect(request.computeUnits == .cpuAndNeuralEngine)
+        #expect(request.configuration == GenerationConfiguration(seed: 7, guidance: 2.5, jacobi: false, jacobiBlockSize: 8, denoise: false))
+        #expect(try GenerateCommand.parse(["x", "--model", "m"]).configuration == GenerationConfiguration())
+    }
+
+    @Test func usageMistakesExitWithStatusTwo() async {
+        for arguments in [[], ["paint"], ["generate", "x"], ["generate", "x", "--model", "m", "--seed", "-1"],
+                          ["generate", "x", "--model", "m", "--compute-units", "gpu"], ["tokenize", "x", "--tokenizer"]] {
+            let (status, capture) = await run(arguments)
+            #expect(status == 2, "\(arguments)")
+            #expect(capture.errors.count == 1, "\(arguments)")
+        }
+    }
+
+    @Test func missingFilesExitWithStatusOneAndNameThePath() async {
+        let (status, capture) = await run(["tokenize", "x", "--tokenizer", "/nonexistent/tokenizer.json"])
+        #expect(status == 1)
+        #expect(capture.errors == ["error: /nonexistent/tokenizer.json not found; point at the tokenizer.json that came with the model"])
+    }
+
+    #if !canImport(CoreML)
+    @Test func generateSaysCoreMLIsMissing() async {
+        let (status, capture) = await run(["generate", "a cat", "--model", "/nonexistent"])
+        #expect(status == 1)
+        #expect(capture.errors.first?.contains("Core ML is not available") == true)
+    }
+    #endif
+}

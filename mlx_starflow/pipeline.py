@@ -1,0 +1,438 @@
+"""Prompts → images: the loaded model folder and the generation loop around the flow.
+
+`load(folder)` reads a converted model folder (flow, condition encoder, VAE, optional
+fine-tuned decoder) strictly. `StarFlowPipeline.iter_generate` encodes every condition
+first, then per batch samples the flow (yielding the flow's own progress), denoises and
+decodes; it never prints, so any front end can draw the progress it yields.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from PIL import Image
+
+from .config import FlowConfig
+from .errors import ConfigError, ModelNotFound
+from .flow import SampleProgress, StarFlow, load_flow
+from .image import decoded_to_pil
+from .labels import LabelEncoder, load_label_encoder
+from .model_io import read_manifest
+from .text_encoder import TextEncoder, load_text_encoder
+from .vae import VAE, load_vae
+
+MODEL_KIND = "starflow.model"
+MAX_SEED = 2**32 - 1
+DENOISE_MODES = ("score", "decoder", "none")
+MAX_DEFAULT_BATCH = 8
+"""The official sampling script's batch; more gains little once the weights are read per step."""
+MEMORY_FRACTION = 0.6
+"""Share of the machine's memory the default batch may plan for (the rest: OS, other apps)."""
+
+Condition = TextEncoder | LabelEncoder
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One result: the picture and the settings that reproduce it (also in `image.info`)."""
+
+    image: Image.Image
+    prompt: str
+    seed: int
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class GenerationProgress:
+    """Where a generation stands. `phase` is encode, sample, denoise, decode or done.
+
+    `done`/`total` count the phase's work in the current batch (tokens of the block being
+    sampled, images denoised, decodes); `sample` is the flow's own progress while sampling;
+    `images` the batch's results once decoded; `notes` what the user should know (a truncated
+    prompt); `timings` the seconds spent per phase, on the final item.
+    """
+
+    phase: str
+    batch: int
+    num_batches: int
+    done: int
+    total: int
+    elapsed: float
+    sample: SampleProgress | None = None
+    images: tuple[GeneratedImage, ...] = ()
+    notes: tuple[str, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def check_seed(seed: int | None, count: int) -> int:
+    """The first seed of a request of `count` images; seeds seed … seed+count-1 must lie in 0 … 2³²−1.
+
+    None draws one at random, so the result can always be written down and reproduced.
+    """
+    if count < 1:
+        raise ValueError(f"the number of images must be at least 1, got {count}")
+    last_first = MAX_SEED - (count - 1)
+    if seed is None:
+        return secrets.randbelow(last_first + 1)
+    if not 0 <= seed <= last_first:
+        raise ValueError(
+            f"seed {seed} is out of range: seeds are 0 … {MAX_SEED} and {count} image(s) use seed … seed+{count - 1}; "
+            f"pick a seed from 0 to {last_first}"
+        )
+    return seed
+
+
+def seeded_noise(seeds: Sequence[int], channels: int, height: int, width: int) -> mx.array:
+    """(B, C, H, W) float32 noise, row i from NumPy's legacy generator seeded with seeds[i].
+
+    The Swift package reproduces this generator, so a seed gives the same image everywhere.
+    """
+    rows = [np.random.RandomState(seed).standard_normal((1, channels, height, width)).astype(np.float32) for seed in seeds]
+    return mx.array(np.concatenate(rows, axis=0))
+
+
+def available_memory() -> int:
+    """Bytes of memory generation may use: the GPU's recommended working set, else physical RAM."""
+    info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+    for key in ("max_recommended_working_set_size", "memory_size"):
+        if info.get(key):
+            return int(info[key])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def kv_cache_bytes(config: FlowConfig, tokens: int, rows: int, itemsize: int) -> int:
+    """Bytes of the largest block's key/value cache for one image (`rows` = 2 with guidance)."""
+    deepest = max(config.layers_per_block)
+    length = config.txt_size + tokens
+    return deepest * 2 * rows * length * config.channels * itemsize
+
+
+def default_batch_size(config: FlowConfig, tokens: int, guidance: float, weight_bytes: int, memory: int) -> int:
+    """Images per batch: what fits in 60 % of memory after the weights, from 1 to 8.
+
+    Blocks run one after another and each frees its cache, so one image costs the largest
+    block's KV cache (layers × K and V × rows × (text + image tokens) × width) plus, as margin,
+    the same again for the step's activations and the latents.
+    """
+    itemsize = 4 if config.dtype == "float32" else 2
+    per_image = 2 * kv_cache_bytes(config, tokens, 2 if guidance > 0 else 1, itemsize)
+    budget = MEMORY_FRACTION * memory - weight_bytes
+    return int(min(MAX_DEFAULT_BATCH, max(1, budget // per_image)))
+
+
+def parameter_bytes(*modules) -> int:
+    return sum(value.nbytes for module in modules if module is not None for _, value in tree_flatten(module.parameters()))
+
+
+class StarFlowPipeline:
+    """A loaded model folder: the flow, its condition encoder, and the VAE (or none, in pixel space)."""
+
+    def __init__(self, flow: StarFlow, condition: Condition | None, vae: VAE | None, decoder: VAE | None, name: str):
+        self.flow = flow
+        self.condition = condition
+        self.vae = vae
+        self.decoder = decoder
+        self.name = name
+
+    # ---- what the model accepts ------------------------------------------------------------
+
+    @property
+    def config(self) -> FlowConfig:
+        return self.flow.config
+
+    @property
+    def is_conditional(self) -> bool:
+        return self.flow.blocks[-1].has_text
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this: VAE factor × patch size."""
+        return self.config.vae_factor * self.config.patch_size
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(width, height) the model was trained at."""
+        side = self.config.latent_size * self.config.vae_factor
+        return side, side
+
+    @property
+    def default_denoise(self) -> str:
+        """The fine-tuned decoder when the folder has one (no score step), else the score step."""
+        return "decoder" if self.decoder is not None else "score"
+
+    def check_size(self, width: int | None, height: int | None) -> tuple[int, int]:
+        default_width, default_height = self.default_size
+        width = default_width if width is None else width
+        height = default_height if height is None else height
+        step = self.size_multiple
+        for name, value in (("width", width), ("height", height)):
+            if value < step or value % step:
+                nearest = f"{value // step * step} or {(value // step + 1) * step}" if value > step else str(step)
+                raise ValueError(
+                    f"{name} {value} is not a positive multiple of {step} (VAE factor {self.config.vae_factor} × "
+                    f"patch size {self.config.patch_size}); use {nearest}"
+                )
+        return width, height
+
+    def check_denoise(self, denoise: str | None) -> str:
+        denoise = self.default_denoise if denoise is None else denoise
+        if denoise not in DENOISE_MODES:
+            raise ValueError(f"denoise must be one of {', '.join(DENOISE_MODES)}, not {denoise!r}")
+        if denoise == "decoder" and self.decoder is None:
+            raise ConfigError(f"{self.name} has no fine-tuned decoder; use denoise 'score' or 'none', or convert with --decoder FILE")
+        return denoise
+
+    def check_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """Refuse prompts the model cannot take (an unknown class); return notes on the others."""
+        if isinstance(self.condition, LabelEncoder):
+            self.condition.ids(list(prompts))
+            return []
+        if isinstance(self.condition, TextEncoder):
+            limit = self.config.txt_size
+            notes = []
+            unique = list(dict.fromkeys(prompts))
+            for prompt, count in zip(unique, self.condition.count_tokens(unique)):
+                if count > limit:
+                    notes.append(f"prompt {_preview(prompt)!r} has {count} tokens; only the first {limit - 1} and </s> are used")
+            return notes
+        if any(prompt.strip() for prompt in prompts):
+            return ["this model is unconditional: the prompt is ignored"]
+        return []
+
+    def suggested_batch_size(self, width: int, height: int, guidance: float) -> int:
+        tokens = (height // self.size_multiple) * (width // self.size_multiple)
+        weights = parameter_bytes(self.flow, getattr(self.condition, "encoder", None), self.vae, self.decoder)
+        return default_batch_size(self.config, tokens, guidance, weights, available_memory())
+
+    # ---- stages ---------------------------------------------------------------------------
+
+    def encode(self, prompts: Sequence[str]) -> mx.array | None:
+        """Condition states (B, T, D) float32, or None for an unconditional model."""
+        if self.condition is None:
+            return None
+        if isinstance(self.condition, TextEncoder):
+            return self.condition.encode(list(prompts), self.config.txt_size)
+        return self.condition.encode(list(prompts))
+
+    def noise(self, seeds: Sequence[int], width: int, height: int) -> mx.array:
+        factor = self.config.vae_factor
+        return seeded_noise(seeds, self.config.in_channels, height // factor, width // factor)
+
+    def decode(self, samples: mx.array, fine_tuned: bool = False) -> list[Image.Image]:
+        """Flow samples → RGB images: through the VAE (or fine-tuned decoder), or as pixels in [-1, 1]."""
+        decoder = self.decoder if fine_tuned else self.vae
+        pixels = samples if decoder is None else decoder.decode(samples)
+        mx.eval(pixels)
+        return decoded_to_pil(pixels)
+
+    def score(self, images: mx.array, prompt: str) -> mx.array:
+        """Bits per dimension of images (B, 3, H, W) in [-1, 1] under `prompt` (per image, (B,))."""
+        x = images if self.vae is None else self.vae.encode(images)
+        y = self.encode([prompt] * images.shape[0])
+        return self.flow.bits_per_dim(x, y)
+
+    # ---- generation -----------------------------------------------------------------------
+
+    def iter_generate(
+        self,
+        prompts: str | Sequence[str],
+        seed: int | None = None,
+        guidance: float = 3.6,
+        jacobi: bool = True,
+        jacobi_block_size: int = 16,
+        jacobi_threshold: float = 1e-3,
+        jacobi_max_iter: int = 32,
+        width: int | None = None,
+        height: int | None = None,
+        batch_size: int | None = None,
+        denoise: str | None = None,
+    ) -> Generator[GenerationProgress, None, None]:
+        """One image per prompt, image i from seed + i; yields progress, results come with phase decode.
+
+        With Jacobi the convergence test spans the batch (as the official sampler), so an
+        image depends on the images it is sampled with; batch_size=1 makes each image depend
+        on its prompt and seed only.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        first_seed = check_seed(seed, len(prompts))
+        width, height = self.check_size(width, height)
+        denoise = self.check_denoise(denoise)
+        if guidance < 0:
+            raise ValueError(f"guidance must be 0 or more, got {guidance}")
+        if jacobi and (jacobi_block_size < 1 or jacobi_max_iter < 1 or jacobi_threshold < 0):
+            raise ValueError("Jacobi needs a block size and max iterations of at least 1 and a threshold of 0 or more")
+        notes = self.check_prompts(prompts)
+        if not self.is_conditional:
+            guidance = 0.0
+        if batch_size is None:
+            batch_size = self.suggested_batch_size(width, height, guidance)
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        num_batches = math.ceil(len(prompts) / batch_size)
+        sampler = _sampler_text(jacobi, jacobi_block_size, jacobi_threshold, jacobi_max_iter)
+        timings = {"encode": 0.0, "sample": 0.0, "denoise": 0.0, "decode": 0.0}
+        started = time.perf_counter()
+
+        def report(phase: str, batch: int, done: int, total: int, **extra) -> GenerationProgress:
+            return GenerationProgress(phase, batch, num_batches, done, total, time.perf_counter() - started, **extra)
+
+        mark = time.perf_counter()
+        conditions = self.encode(prompts)
+        unconditional = self.encode([""]) if guidance > 0 else None
+        mx.eval(conditions, unconditional)
+        timings["encode"] += time.perf_counter() - mark
+        yield report("encode", 0, 1, 1, notes=tuple(notes))
+
+        for batch in range(num_batches):
+            lo, hi = batch * batch_size, min(len(prompts), (batch + 1) * batch_size)
+            seeds = [first_seed + i for i in range(lo, hi)]
+            y = None if conditions is None else conditions[lo:hi]
+            if unconditional is not None:
+                y = mx.concatenate([y, mx.broadcast_to(unconditional, y.shape)], axis=0)
+
+            mark = time.perf_counter()
+            for progress in self.flow.iter_sample(self.noise(seeds, width, height), y, guidance, jacobi,
+                                                  jacobi_block_size, jacobi_threshold, jacobi_max_iter):
+                if progress.output is not None:
+                    samples = progress.output
+                yield report("sample", batch, progress.tokens_done, progress.tokens_total, sample=progress)
+            timings["sample"] += time.perf_counter() - mark
+
+            if denoise == "score":
+                # One image at a time: the score step's backward pass holds every layer's activations.
+                rows = []
+                for i in range(hi - lo):
+                    mark = time.perf_counter()
+                    rows.append(self.flow.denoise(samples[i : i + 1], None if conditions is None else conditions[lo + i : lo + i + 1]))
+                    mx.eval(rows[-1])
+                    timings["denoise"] += time.perf_counter() - mark
+                    yield report("denoise", batch, i + 1, hi - lo)
+                samples = mx.concatenate(rows, axis=0)
+
+            yield report("decode", batch, 0, 1)
+            mark = time.perf_counter()
+            pictures = self.decode(samples, fine_tuned=denoise == "decoder")
+            timings["decode"] += time.perf_counter() - mark
+            settings = {
+                "guidance": f"{guidance:g}",
+                "sampler": sampler,
+                "denoise": denoise,
+                "size": f"{width}x{height}",
+                "batch_seeds": f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else str(seeds[0]),
+                "model": self.name,
+                "dtype": self.config.dtype + (f" q{self.config.quantization['bits']}" if self.config.quantization else ""),
+                "software": _software(),
+            }
+            results = []
+            for offset, picture in enumerate(pictures):
+                metadata = {"prompt": prompts[lo + offset], "seed": str(seeds[offset]), **settings}
+                picture.info.update(metadata)
+                results.append(GeneratedImage(picture, prompts[lo + offset], seeds[offset], metadata))
+            yield report("decode", batch, 1, 1, images=tuple(results))
+
+        yield report("done", num_batches - 1, 1, 1, timings=timings)
+
+    def generate(self, prompts: str | Sequence[str], **settings) -> list[Image.Image]:
+        """Run `iter_generate` to the end; the images carry their settings in `image.info`.
+
+        Defaults are the official script's: guidance 3.6, Jacobi (block 16, threshold 1e-3,
+        32 iterations), the training size, score-step denoising unless the folder has a
+        fine-tuned decoder, and a batch size chosen to fit memory (`default_batch_size`).
+        """
+        images = []
+        for progress in self.iter_generate(prompts, **settings):
+            images += [result.image for result in progress.images]
+        return images
+
+
+def _sampler_text(jacobi: bool, block_size: int, threshold: float, max_iter: int) -> str:
+    if not jacobi:
+        return "sequential"
+    return f"jacobi block={block_size} threshold={threshold:g} max_iter={max_iter}"
+
+
+def _software() -> str:
+    try:
+        return f"mlx-starflow {version('mlx-starflow')}"
+    except PackageNotFoundError:
+        return "mlx-starflow"
+
+
+def _preview(prompt: str, limit: int = 40) -> str:
+    return prompt if len(prompt) <= limit else prompt[: limit - 1] + "…"
+
+
+def load(path: str | Path) -> StarFlowPipeline:
+    """Load a converted model folder (`starflow convert`, or the first run of `starflow generate`).
+
+    The top manifest and every component's are checked first, so a half-written, stale or
+    incompatible folder is an error naming the fix, never a model with missing parts.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise ModelNotFound(f"no model at {folder}; pass a converted model folder (made by `starflow convert` or `starflow generate`)")
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} is a file; pass a converted model folder (convert a checkpoint with `starflow convert`)")
+    manifest = read_manifest(folder)
+    kind = manifest.get("kind")
+    if kind != MODEL_KIND:
+        raise ConfigError(f"{folder} holds a {kind!r} component, not a model; pass the model folder that contains it")
+    components = set(manifest.get("components", []))
+    if "flow" not in components:
+        raise ConfigError(f"{folder} has no flow component; convert the model again")
+    flow = load_flow(folder / "flow")
+    condition = _load_condition(folder, components, flow.config)
+    vae = _load_vae(folder, components, flow.config)
+    decoder = load_vae(folder / "decoder") if "decoder" in components else None
+    if decoder is not None and vae is None:
+        raise ConfigError(f"{folder} has a fine-tuned decoder but no vae/; convert the model again with --vae DIR")
+    return StarFlowPipeline(flow, condition, vae, decoder, str(manifest.get("name") or folder.name))
+
+
+def _load_condition(folder: Path, components: set[str], config: FlowConfig) -> Condition | None:
+    if "text_encoder" in components:
+        encoder = load_text_encoder(folder / "text_encoder")
+        if encoder.encoder.config.d_model != config.txt_dim:
+            raise ConfigError(
+                f"{folder}: the text encoder's width {encoder.encoder.config.d_model} differs from the flow's text width "
+                f"{config.txt_dim}; convert the model again with the text encoder it was trained with"
+            )
+        return encoder
+    if "labels" in components:
+        labels = load_label_encoder(folder / "labels")
+        if labels.dim != config.txt_dim:
+            raise ConfigError(f"{folder}: {labels.dim - 1} labels do not fit the flow's condition width {config.txt_dim}; convert the model again")
+        return labels
+    if config.txt_dim > 0:
+        raise ConfigError(
+            f"{folder} has no text_encoder/ or labels/ but its flow is conditioned; "
+            "convert it again with `starflow convert ... --text-encoder DIR` (a google/flan-t5-xl folder)"
+        )
+    return None
+
+
+def _load_vae(folder: Path, components: set[str], config: FlowConfig) -> VAE | None:
+    if config.vae_factor == 1:
+        return None
+    if "vae" not in components:
+        raise ConfigError(
+            f"{folder} has no vae/ but its flow works in a VAE latent space; "
+            "convert it again with `starflow convert ... --vae DIR` (a stabilityai/sd-vae-ft-ema folder)"
+        )
+    vae = load_vae(folder / "vae")
+    if vae.config.downsample_factor != config.vae_factor or vae.config.latent_channels != config.in_channels:
+        raise ConfigError(
+            f"{folder}: the VAE ({vae.config.latent_channels} channels, factor {vae.config.downsample_factor}) does not fit "
+            f"the flow ({config.in_channels} channels, factor {config.vae_factor}); convert the model again with its own VAE"
+        )
+    return vae

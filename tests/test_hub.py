@@ -1,0 +1,249 @@
+"""First run against a fake Hugging Face cache: fetch, convert once, reuse; never the network.
+
+The fake repositories are laid out as `huggingface_hub` lays out its cache
+(`models--org--name/refs/main` and `snapshots/<revision>/…`) under a temporary HF_HUB_CACHE,
+with the fixture tiny files as content; the default model's config is pointed at the tiny
+fixture YAML. Downloads are simulated by replacing huggingface_hub's network calls.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from app.cli import main
+from convert import hub
+from mlx_starflow import load
+from mlx_starflow.errors import ModelNotFound
+
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+CHECKPOINT = "starflow_3B_t2i_256x256.pth"
+T5_FILES = ("config.json", "tokenizer.json", "model.safetensors", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def put_repo(cache: Path, repo_id: str, files: dict[str, Path], revision: str = REVISION) -> Path:
+    base = cache / f"models--{repo_id.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    (base / "refs" / "main").write_text(revision)
+    snapshot = base / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, source in files.items():
+        shutil.copyfile(source, snapshot / name)
+    return snapshot
+
+
+def repo_files(fixtures_dir: Path) -> dict[str, dict[str, Path]]:
+    return {
+        "apple/starflow": {CHECKPOINT: fixtures_dir / "starflow" / "model.pth"},
+        "google/flan-t5-xl": {name: fixtures_dir / "t5" / name for name in T5_FILES},
+        "stabilityai/sd-vae-ft-ema": {name: fixtures_dir / "vae" / name for name in ("config.json", "diffusion_pytorch_model.safetensors")},
+    }
+
+
+@pytest.fixture
+def env(fixtures_dir, tmp_path, monkeypatch):
+    """Empty cache and models folder, the tiny YAML as the default model's config, and no network."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("STARFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub.HubModel, "config_path", lambda self: fixtures_dir / "starflow" / "config.yaml")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", no_network)
+    real_snapshot = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda *a, **k: real_snapshot(*a, **k) if k.get("local_files_only") else no_network())
+    return tmp_path
+
+
+@pytest.fixture
+def cached(env, fixtures_dir):
+    for repo_id, files in repo_files(fixtures_dir).items():
+        put_repo(env / "hub", repo_id, files)
+    return env
+
+
+def resolve(**kwargs) -> tuple[Path, list[str]]:
+    messages: list[str] = []
+    folder = hub.resolve_model(None, dtype=kwargs.pop("dtype", "float32"), notify=messages.append, **kwargs)
+    return folder, messages
+
+
+def test_first_run_converts_once_then_reuses(cached, fixtures_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, messages = resolve()
+    sha = hub.sha256_file(fixtures_dir / "starflow" / "model.pth")
+    assert folder == cached / "home" / "models" / f"starflow_3B_t2i_256x256-{sha[:12]}-float32"
+    assert any(message.startswith("converting") for message in messages)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["components"] == ["flow", "text_encoder", "vae"]
+    assert manifest["origin"] == {"checkpoint_sha256": sha, "google/flan-t5-xl": REVISION, "stabilityai/sd-vae-ft-ema": REVISION}
+    assert load(folder).generate("a cat", seed=0, jacobi=False)[0].size == (64, 64)
+
+    stamp = (folder / "manifest.json").stat().st_mtime_ns
+    again, messages = resolve()
+    assert again == folder and messages == [] and (folder / "manifest.json").stat().st_mtime_ns == stamp
+    quantized, _ = resolve(quantize=8, dtype="bfloat16")
+    assert quantized.name.endswith("-bfloat16-q8") and quantized != folder
+
+
+@pytest.mark.parametrize("damage", ["truncate", "no_manifest", "new_revision"])
+def test_stale_or_half_written_conversions_are_redone(cached, fixtures_dir, damage):
+    folder, _ = resolve(offline=True)
+    if damage == "truncate":
+        with open(folder / "flow" / "model.safetensors", "r+b") as f:
+            f.truncate(100)
+    elif damage == "no_manifest":
+        (folder / "manifest.json").unlink()
+    else:
+        put_repo(cached / "hub", "google/flan-t5-xl", repo_files(fixtures_dir)["google/flan-t5-xl"], revision="f" * 40)
+    again, messages = resolve(offline=True)
+    assert again == folder and any(message.startswith("converting") for message in messages)
+    load(again)
+
+
+@pytest.mark.parametrize("layout", ["sharded", "pytorch_bin"])
+def test_other_t5_weight_layouts(env, fixtures_dir, layout):
+    files = repo_files(fixtures_dir)
+    files["google/flan-t5-xl"] = {name: fixtures_dir / "t5" / name for name in ("tokenizer.json", "spiece.model")}
+    files["google/flan-t5-xl"].update({p.name: p for p in (fixtures_dir / "t5" / layout).iterdir()})
+    for repo_id, repo in files.items():
+        put_repo(env / "hub", repo_id, repo)
+    folder, _ = resolve(offline=True)
+    assert load(folder).condition.encoder.config.d_model == 32
+
+
+def test_incomplete_snapshot_is_not_complete(env, fixtures_dir):
+    t5 = fixtures_dir / "t5"
+    snapshot = put_repo(env / "hub", "google/flan-t5-xl", {"config.json": t5 / "config.json", "tokenizer.json": t5 / "tokenizer.json",
+                        "model.safetensors.index.json": t5 / "sharded" / "model.safetensors.index.json",
+                        "model-00001-of-00002.safetensors": t5 / "sharded" / "model-00001-of-00002.safetensors"})
+    assert hub.local_snapshot(hub.HUB_FILES["google/flan-t5-xl"]) is None
+    shutil.copyfile(t5 / "sharded" / "model-00002-of-00002.safetensors", snapshot / "model-00002-of-00002.safetensors")
+    assert hub.local_snapshot(hub.HUB_FILES["google/flan-t5-xl"]) == snapshot
+
+
+def test_offline_without_files_says_what_to_download_and_where(env, fixtures_dir, capsys):
+    put_repo(env / "hub", "apple/starflow", repo_files(fixtures_dir)["apple/starflow"])
+    out = env / "out"
+    code = main(["generate", "a cat", "--offline", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for fragment in ("offline", str(env / "hub"), "google/flan-t5-xl", "tokenizer.json", "hf download stabilityai/sd-vae-ft-ema"):
+        assert fragment in err, err
+    assert "apple/starflow:" not in err, "the checkpoint is cached and must not be listed"
+    assert not out.exists() and not (env / "home" / "models").exists()
+
+
+def test_offline_reuses_a_conversion_when_the_cache_is_gone(cached, monkeypatch):
+    folder, _ = resolve(offline=True)
+    shutil.rmtree(cached / "hub")
+    again, messages = resolve(offline=True)
+    assert again == folder and messages == []
+
+
+def test_download_shows_the_licence_once_and_picks_the_available_layout(env, fixtures_dir, monkeypatch):
+    import huggingface_hub
+
+    files = repo_files(fixtures_dir)
+    t5 = fixtures_dir / "t5" / "sharded"
+    files["google/flan-t5-xl"] = {**{n: fixtures_dir / "t5" / n for n in ("config.json", "tokenizer.json", "spiece.model")},
+                                  **{p.name: p for p in t5.iterdir() if p.name != "config.json"}}
+    fetched: list[tuple[str, tuple[str, ...]]] = []
+    real_snapshot = huggingface_hub.snapshot_download
+
+    def fake_download(repo_id, *, allow_patterns=None, local_files_only=False, cache_dir=None, **kwargs):
+        if local_files_only:
+            return real_snapshot(repo_id, allow_patterns=allow_patterns, local_files_only=True, cache_dir=cache_dir)
+        fetched.append((repo_id, tuple(allow_patterns)))
+        wanted = {n: p for n, p in files[repo_id].items() if any(Path(n).match(pattern) for pattern in allow_patterns)}
+        return str(put_repo(Path(cache_dir), repo_id, wanted))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, **k: sorted(files[repo_id]) + ["README.md"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    folder, messages = resolve()
+    assert sum("non-commercial research only" in message for message in messages) == 1
+    assert [repo for repo, _ in fetched] == ["apple/starflow", "google/flan-t5-xl", "stabilityai/sd-vae-ft-ema"]
+    t5_patterns = dict(fetched)["google/flan-t5-xl"]
+    assert "model.safetensors.index.json" in t5_patterns and "model.safetensors" not in t5_patterns and "pytorch_model.bin" not in t5_patterns
+    load(folder)
+    fetched.clear()
+    again, messages = resolve()
+    assert again == folder and fetched == [] and messages == []
+
+
+def test_failed_download_is_one_actionable_line(env, monkeypatch):
+    import huggingface_hub
+
+    def unreachable(self, repo_id, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
+    with pytest.raises(ModelNotFound, match=r"could not download apple/starflow \(ConnectionError: Name or service not known\)") as failure:
+        resolve()
+    message = str(failure.value)
+    assert "\n" not in message and str(env / "hub") in message and "--offline" in message
+    for repo_id in ("apple/starflow", "google/flan-t5-xl", "stabilityai/sd-vae-ft-ema"):
+        assert f"hf download {repo_id}" in message
+
+
+def test_a_local_checkpoint_path_converts_with_cached_companions(cached, fixtures_dir, tmp_path):
+    local = tmp_path / "ckpts" / "my_model.pth"
+    local.parent.mkdir()
+    shutil.copyfile(fixtures_dir / "starflow" / "model.pth", local)
+    folder = hub.resolve_model(str(local), dtype="float32", offline=True)
+    assert folder.name.startswith("my_model-") and load(folder).name == "my_model"
+
+
+def test_unknown_repository_and_converted_folder(env, tmp_path):
+    with pytest.raises(ModelNotFound, match="apple/starflow"):
+        hub.resolve_model("someone/else", offline=True)
+    (tmp_path / "converted").mkdir()
+    assert hub.resolve_model(str(tmp_path / "converted")) == tmp_path / "converted"
+
+
+def test_checkpoint_digests_are_remembered(env, fixtures_dir, monkeypatch):
+    calls = []
+    real = hub.sha256_file
+    monkeypatch.setattr(hub, "sha256_file", lambda path: calls.append(path) or real(path))
+    path = fixtures_dir / "starflow" / "model.pth"
+    assert hub.checkpoint_digest(path) == hub.checkpoint_digest(path) == real(path)
+    assert len(calls) == 1
+
+
+def test_models_home_defaults_to_the_user_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("STARFLOW_HOME", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(hub.sys, "platform", "linux")
+    assert hub.models_home() == tmp_path / "mlx-starflow"
+    monkeypatch.setattr(hub.sys, "platform", "darwin")
+    assert hub.models_home() == Path.home() / "Library" / "Caches" / "mlx-starflow"
+
+
+def test_the_shipped_config_is_the_official_3b_model():
+    from convert.official_config import flow_config, read_official_config
+
+    official = read_official_config(hub.HUB_MODELS["apple/starflow"].config_path())
+    config = flow_config(official, txt_dim=2048)
+    assert config.layers_per_block == (2, 2, 2, 2, 2, 24) and config.channels == 3072 and config.latent_size == 32
+    assert config.txt_size == 128 and config.vae_factor == 8 and official.text_encoder == "google/flan-t5-xl"
+    assert official.vae == "stabilityai/sd-vae-ft-ema"
+
+
+def test_a_snapshot_with_one_of_several_layouts_counts_as_complete(env, fixtures_dir):
+    """After a download, huggingface_hub remembers the repository's whole file list; the snapshot
+    holds one weight layout of several and must still count as cached."""
+    tree_cache = pytest.importorskip("huggingface_hub._tree_cache")
+    files = repo_files(fixtures_dir)["google/flan-t5-xl"]
+    snapshot = put_repo(env / "hub", "google/flan-t5-xl", files)
+    listing = [*files, "pytorch_model.bin", "model.safetensors.index.json", "model-00001-of-00002.safetensors"]
+    entries = {name: tree_cache.TreeCacheEntry(size=1, blob_id="0" * 40) for name in listing}
+    tree_cache.write_tree_cache(str(snapshot.parent.parent), REVISION, entries)
+    assert hub.local_snapshot(hub.HUB_FILES["google/flan-t5-xl"]) == snapshot
