@@ -27,7 +27,7 @@ from typing import Any
 from mlx_starflow.config import FlowConfig, LabelConfig, T5Config, VAEConfig
 from mlx_starflow.errors import ConfigError, ModelNotFound, StarFlowError
 from mlx_starflow.model_io import read_manifest, sha256_file
-from mlx_starflow.pipeline import MODEL_KIND
+from mlx_starflow.model_io import MODEL_KIND
 
 from .model import convert_model
 from .official_config import read_official_config

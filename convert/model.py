@@ -15,7 +15,7 @@ from pathlib import Path
 from mlx_starflow.config import FlowConfig, LabelConfig, T5Config, VAEConfig
 from mlx_starflow.errors import ConfigError, ModelNotFound
 from mlx_starflow.model_io import atomic_folder, read_manifest, sha256_file, write_manifest
-from mlx_starflow.pipeline import MODEL_KIND
+from mlx_starflow.model_io import MODEL_KIND
 
 from .flow import write_flow
 from .official_config import OfficialConfig, read_official_config

@@ -29,6 +29,8 @@ CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "mlx-starflow"
 FORMAT_VERSION = 1
+MODEL_KIND = "starflow.model"
+"""Kind of a model folder's top manifest: components (flow/, labels/ or text_encoder/, vae/, …)."""
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:

@@ -27,11 +27,10 @@ from .errors import ConfigError, ModelNotFound
 from .flow import SampleProgress, StarFlow, load_flow
 from .image import decoded_to_pil
 from .labels import LabelEncoder, load_label_encoder
-from .model_io import read_manifest
+from .model_io import MODEL_KIND, read_manifest
 from .text_encoder import TextEncoder, load_text_encoder
 from .vae import VAE, load_vae
 
-MODEL_KIND = "starflow.model"
 MAX_SEED = 2**32 - 1
 DENOISE_MODES = ("score", "decoder", "none")
 MAX_DEFAULT_BATCH = 8

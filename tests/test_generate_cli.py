@@ -97,9 +97,21 @@ def test_prompts_file_keeps_the_model_loaded_and_grids(models, tmp_path, capsys,
                        "--grid", "-o", out_dir)
     assert code == 0, err
     assert len(loads) == 1
-    assert sorted(p.name for p in out_dir.iterdir()) == ["cat-1-grid.png", "dog-1-grid.png", "ship-1-grid.png"]
-    with Image.open(out_dir / "ship-1-grid.png") as image:
-        assert image.size == (2 + 2 * 18, 2 + 18) and image.text["seed"] == "1,2"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["3-prompts-1-grid.png"]
+    with Image.open(out_dir / "3-prompts-1-grid.png") as image:
+        assert image.size == (2 + 2 * 18, 2 + 3 * 18), "one row per prompt, one column per seed"
+        assert image.text["seed"] == "1,2,1,2,1,2" and image.text["prompt"] == "cat | ship | dog"
+
+
+def test_all_labels_grid(models, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "--all-labels", "--model", models / "label", "--seed", 3, "--grid",
+                       "-o", tmp_path / "all.png")
+    assert code == 0, err
+    with Image.open(tmp_path / "all.png") as image:
+        assert image.size == (2 + 4 * 18, 2 + 3 * 18), "10 classes in a 4-column grid"
+        assert image.text["prompt"].startswith("airplane | automobile")
+    code, _, err = run(capsys, "generate", "--all-labels", "--model", models / "text", "-o", tmp_path / "t.png")
+    assert code == 1 and "label model" in err and not (tmp_path / "t.png").exists()
 
 
 def test_empty_prompt_and_long_prompt(models, tmp_path, capsys):

@@ -7,6 +7,7 @@ values, the prompts, the output path), so a mistake costs no download and leaves
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import tempfile
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from rich.progress import Progress, TaskID
 from convert.hub import resolve_model
 from mlx_starflow.errors import InputError, StarFlowError
 from mlx_starflow.image import make_grid, pil_to_uint8, save_png
+from mlx_starflow.labels import load_label_encoder
 from mlx_starflow.pipeline import GeneratedImage, GenerationProgress, StarFlowPipeline, check_seed, load
 
 from ..progress import make_progress
@@ -49,7 +51,8 @@ def generate(
     width: Optional[int] = typer.Option(None, "--width", "-W", help="Image width in pixels, a multiple of VAE factor × patch size (default: the training size)."),
     height: Optional[int] = typer.Option(None, "--height", "-H", help="Image height in pixels (same rule)."),
     output: Path = typer.Option(Path("outputs"), "--output", "-o", help="A folder, or a .png file name; existing files are never replaced without --force."),
-    grid: bool = typer.Option(False, "--grid", help="Write each prompt's images as one grid PNG."),
+    all_labels: bool = typer.Option(False, "--all-labels", help="One prompt per class of a label model (--model DIR), instead of PROMPT."),
+    grid: bool = typer.Option(False, "--grid", help="Write all images as one grid PNG: a row per prompt (or a square grid when -n is 1)."),
     force: bool = typer.Option(False, "--force", help="Replace existing output files."),
     jacobi: bool = typer.Option(True, "--jacobi/--sequential", help="Block-wise Jacobi iteration (fast) or token-by-token decoding (exact)."),
     jacobi_block_size: int = typer.Option(16, "--jacobi-block-size", help="Tokens per Jacobi block."),
@@ -62,7 +65,7 @@ def generate(
     offline: bool = typer.Option(False, "--offline", help="Never touch the network: use only the Hugging Face cache and converted models."),
 ) -> None:
     """Generate images from text prompts (or class names) and save them as PNGs."""
-    prompts = read_prompts(prompt, prompts_file)
+    prompts = label_prompts(model) if all_labels else read_prompts(prompt, prompts_file)
     first_seed = check_seed(seed, num_images)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be float32, float16 or bfloat16, not {dtype!r}")
@@ -89,9 +92,10 @@ def generate(
         "batch_size": batch_size, "denoise": denoise,
     }
     timings: dict[str, float] = {}
+    everything: list[GeneratedImage] = []
     with make_progress() as bar:
         bars = GenerationBars(bar, pipeline)
-        for index, (text, paths) in enumerate(zip(prompts, targets)):
+        for index, text in enumerate(prompts):
             bars.label = f"prompt {index + 1}/{len(prompts)}" if len(prompts) > 1 else "image"
             results: list[GeneratedImage] = []
             for item in pipeline.iter_generate([text] * num_images, **settings):
@@ -100,15 +104,25 @@ def generate(
                     stderr.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
                 for result in item.images:
                     if not grid:
-                        write(result.image, paths[len(results)], result.metadata, force)
-                        typer.echo(f"wrote {paths[len(results)]}")
+                        write(result.image, targets[index][len(results)], result.metadata, force)
+                        typer.echo(f"wrote {targets[index][len(results)]}")
                     results.append(result)
                 for phase, seconds in item.timings.items():
                     timings[phase] = timings.get(phase, 0.0) + seconds
-            if grid:
-                write(grid_image(results), paths[0], grid_metadata(results), force)
-                typer.echo(f"wrote {paths[0]}")
+            everything += results
+    if grid:
+        columns = num_images if num_images > 1 else math.ceil(math.sqrt(len(everything)))
+        write(grid_image(everything, columns), targets[0][0], grid_metadata(everything), force)
+        typer.echo(f"wrote {targets[0][0]}")
     typer.echo(summary(timings, len(prompts) * num_images))
+
+
+def label_prompts(model: str | None) -> list[str]:
+    """Every class name of a local label model, in the model's order."""
+    folder = Path(model) if model else None
+    if folder is None or not (folder / "labels").is_dir():
+        raise ValueError("--all-labels needs --model pointing at a label model folder (one with labels/), e.g. weights/demo")
+    return list(load_label_encoder(folder / "labels").labels)
 
 
 def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
@@ -138,25 +152,33 @@ def plan_outputs(output: Path, prompts: list[str], seeds: list[int], grid: bool,
     """Every file the run will write, per prompt, decided and checked before anything runs.
 
     A folder gets `<prompt>-<seed>.png` (a free `-2`, `-3` … suffix instead of replacing a file,
-    unless --force); a .png name is used as it is for a single output, else numbered.
+    unless --force); a .png name is used as it is for a single output, else numbered. A grid is
+    one file for the whole run.
     """
     file_mode = output.suffix.lower() == ".png" and not output.is_dir()
     if output.suffix and not file_mode and not output.is_dir():
         raise ValueError(f"--output {output} is neither a folder nor a .png file name; PNG keeps the settings as metadata")
     folder = output.parent if file_mode else output
     check_writable(folder)
+    if grid:
+        if file_mode:
+            if output.exists() and not force:
+                raise FileExistsError(f"{output} already exists; pass --force to replace it or choose another --output")
+            return [[output]]
+        name = slug(prompts[0]) if len(prompts) == 1 else f"{len(prompts)}-prompts"
+        return [[free_name(folder, f"{name}-{seeds[0]}-grid", set(), force)]]
     planned: list[list[Path]] = []
     taken: set[Path] = set()
     for index, prompt in enumerate(prompts):
         if file_mode:
             stem = output.stem if len(prompts) == 1 else f"{output.stem}-{index + 1}"
-            names = [stem] if grid or len(seeds) == 1 else [f"{stem}-{seed}" for seed in seeds]
+            names = [stem] if len(seeds) == 1 else [f"{stem}-{seed}" for seed in seeds]
             paths = [folder / f"{name}.png" for name in names]
             existing = [path for path in paths if path.exists()]
             if existing and not force:
                 raise FileExistsError(f"{existing[0]} already exists; pass --force to replace it or choose another --output")
         else:
-            bases = [f"{slug(prompt)}-{seeds[0]}-grid"] if grid else [f"{slug(prompt)}-{seed}" for seed in seeds]
+            bases = [f"{slug(prompt)}-{seed}" for seed in seeds]
             paths = [free_name(folder, base, taken, force) for base in bases]
         taken.update(paths)
         planned.append(paths)
@@ -195,14 +217,16 @@ def write(image: Image.Image, path: Path, metadata: dict[str, str], force: bool)
         raise OutputError(f"cannot write {path} ({e.strerror or e}); choose another --output") from None
 
 
-def grid_image(results: list[GeneratedImage]) -> Image.Image:
-    tiles = make_grid([pil_to_uint8(result.image) for result in results])
+def grid_image(results: list[GeneratedImage], columns: int) -> Image.Image:
+    tiles = make_grid([pil_to_uint8(result.image) for result in results], columns)
     return Image.fromarray(np.ascontiguousarray(tiles.transpose(1, 2, 0)))
 
 
 def grid_metadata(results: list[GeneratedImage]) -> dict[str, str]:
     seeds = [result.seed for result in results]
-    return {**results[0].metadata, "seed": ",".join(map(str, seeds)), "grid": f"{len(results)} images, seeds in reading order"}
+    prompts = list(dict.fromkeys(result.metadata.get("prompt", "") for result in results))
+    return {**results[0].metadata, "prompt": " | ".join(prompts), "seed": ",".join(map(str, seeds)),
+            "grid": f"{len(results)} images in reading order, a row per prompt when -n > 1"}
 
 
 class GenerationBars:

@@ -33,13 +33,15 @@ def info(
         describe_model(model)
         return
     stdout.print(f"mlx {mx.__version__} on {mx.default_device()}, {available_memory() / 2**30:.1f} GiB of memory for generation")
-    models = Table("converted model", "state", "flow", "size", title=f"models folder {models_folder()} (STARFLOW_HOME moves it)", title_justify="left")
+    stdout.print(f"models folder {models_folder()} (STARFLOW_HOME moves it)", soft_wrap=True)
+    models = Table("converted model", "state", "flow", "size")
     for path, current, size in converted_models():
         models.add_row(path.name, "ready" if current else "stale or incomplete (redone on next use)", flow_summary(path), gigabytes(size))
     if DEMO_MODEL.is_dir():
         models.add_row(str(DEMO_MODEL), "shipped demo", flow_summary(DEMO_MODEL), gigabytes(folder_bytes(DEMO_MODEL)))
-    stdout.print(models if models.row_count else f"models folder {models_folder()}: no converted models yet")
-    repos = Table("repository", "state", "size", "snapshot", title=f"Hugging Face cache {hub_cache()}", title_justify="left")
+    stdout.print(models if models.row_count else "no converted models yet")
+    stdout.print(f"Hugging Face cache {hub_cache()}", soft_wrap=True)
+    repos = Table("repository", "state", "size", "snapshot")
     for repo in cached_repos():
         state = "complete" if repo.complete else ("incomplete" if repo.folder else "not downloaded")
         repos.add_row(repo.repo_id, state, gigabytes(repo.bytes) if repo.folder else "", repo.folder.name[:12] if repo.folder else "")

@@ -1,0 +1,35 @@
+"""`starflow export-coreml`: a converted model folder → Core ML packages for the Swift app (no PyTorch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..progress import tensor_progress
+
+
+def export_coreml(
+    model: Path = typer.Argument(..., help="Converted model folder (flow/ with text_encoder/ or labels/, and vae/ for latent models)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Export folder to create (packages + manifest.json)."),
+    dtype: str = typer.Option("float16", "--dtype", help="Weight and compute precision: float16 or float32."),
+    compress: Optional[str] = typer.Option(None, "--compress", help="Core ML weight compression of the big linears: int8 or int4."),
+    attention: str = typer.Option("original", "--attention", help="Attention layout: original (GPU) or split-einsum (Neural Engine)."),
+    target: str = typer.Option("macOS15", "--target", help="Deployment target: macOS15 or iOS18 (iOS splits packages under 1 GB)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Image width in pixels (default: the training size)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Image height in pixels (default: the training size)."),
+    jacobi_block_size: list[int] = typer.Option([16], "--jacobi-block-size", help="Jacobi chunk size to export a step function for (repeatable)."),
+    batch: int = typer.Option(1, "--batch", help="Images per flow-block call."),
+    score_step: bool = typer.Option(True, "--score-step/--no-score-step", help="Export the score-step denoise program."),
+    vae_encoder: bool = typer.Option(False, "--vae-encoder", help="Also export the VAE encoder (image → latent)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Export a converted model to Core ML without PyTorch (needs coremltools: the coreml extra of mlx-starflow)."""
+    from convert.coreml.export import export_coreml as export
+
+    with tensor_progress("exporting Core ML packages") as progress:
+        folder = export(model, out, dtype=dtype, compress=compress, attention=attention, target=target, width=width,
+                        height=height, jacobi_block_sizes=tuple(jacobi_block_size), batch=batch, score_step=score_step,
+                        vae_encoder=vae_encoder, force=force, progress=progress)
+    typer.echo(f"wrote {folder}")

@@ -1,0 +1,350 @@
+"""`export_coreml(model_dir, out, ...)`: a converted model folder → a folder of Core ML packages.
+
+Built directly from our converted weights with the MIL builder; no PyTorch. Everything is
+checked before anything is built, the packages are written into a temporary folder that
+becomes `out` only when complete, and `manifest.json` (the contract with the Swift package)
+is written last.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlx_starflow.config import FlowConfig, LabelConfig, VAEConfig
+from mlx_starflow.errors import ConfigError, ModelNotFound
+from mlx_starflow.flow import StarFlow, load_flow
+from mlx_starflow.model_io import atomic_folder
+from mlx_starflow.model_io import read_manifest as read_model_manifest
+from mlx_starflow.text_encoder import TOKENIZER_FILE, TextEncoder, load_text_encoder
+from mlx_starflow.vae import VAE, load_vae
+
+from .builder import PRECISIONS
+from .compress import COMPRESSIONS
+from .coremltools_api import TARGETS
+from .flow import (
+    KV_CACHE_MODES,
+    POSITION,
+    PREFILL,
+    SCALE_LOGIT,
+    SHIFT,
+    TEXT,
+    TOKENS,
+    BlockPlan,
+    block_programs,
+    cache_names,
+    step_name,
+    updated_name,
+    weight_bytes,
+)
+from .flow_graph import ATTENTION_LAYOUTS, block_arrays
+from .manifest import LICENSE, write_manifest
+from .package import HIDDEN_IN, HIDDEN_OUT, PackageInfo, group_layers, package_weight_bytes, save_package
+from .score import DENOISED, LATENT, score_program
+from .text_encoder import ATTENTION_MASK, INPUT_IDS, TEXT_STATES, text_encoder_program
+from .text_encoder import weight_bytes as text_weight_bytes
+from .vae import IMAGE, decoder_program, encoder_program
+
+log = logging.getLogger(__name__)
+
+IOS_PACKAGE_LIMIT = 1_000_000_000
+"""Weight bytes per package on iOS (see `package.group_layers`)."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    dtype: str = "float16"
+    compress: str | None = None
+    attention: str = "original"
+    target: str = "macOS15"
+    height: int | None = None
+    width: int | None = None
+    jacobi_block_sizes: tuple[int, ...] = (16,)
+    batch: int = 1
+    score_step: bool = True
+    vae_encoder: bool = False
+    kv_cache: str = "state"
+    max_package_bytes: float | None = None
+
+    def check(self) -> None:
+        """Every option a user can get wrong, as a one-line `ConfigError` naming the fix."""
+        choices = {"dtype": (self.dtype, tuple(PRECISIONS)), "attention": (self.attention, ATTENTION_LAYOUTS),
+                   "target": (self.target, tuple(TARGETS)), "kv_cache": (self.kv_cache, KV_CACHE_MODES)}
+        for option, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"--{option.replace('_', '-')} must be one of {', '.join(allowed)}, not {value!r}")
+        if self.compress is not None and self.compress not in COMPRESSIONS:
+            raise ConfigError(f"--compress must be one of {', '.join(COMPRESSIONS)} (or omitted), not {self.compress!r}")
+        if not self.jacobi_block_sizes or min(self.jacobi_block_sizes) < 1:
+            raise ConfigError(f"--jacobi-block-size must be at least 1, not {list(self.jacobi_block_sizes)}")
+        if self.batch < 1:
+            raise ConfigError(f"--batch must be at least 1, not {self.batch}")
+        for name, value in (("height", self.height), ("width", self.width)):
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} must be positive, not {value}")
+
+    @property
+    def package_limit(self) -> float | None:
+        if self.max_package_bytes is not None:
+            return self.max_package_bytes
+        return IOS_PACKAGE_LIMIT if self.target.startswith("iOS") else None
+
+
+@dataclass
+class ModelParts:
+    """The converted components an export reads."""
+
+    folder: Path
+    flow: StarFlow
+    text_encoder: TextEncoder | None
+    labels: LabelConfig | None
+    vae: VAE | None
+    source_sha256: str
+
+    @property
+    def config(self) -> FlowConfig:
+        return self.flow.config
+
+
+def model_folder(model_dir: str | Path) -> Path:
+    """A converted model folder (its `flow/` and finished manifest), or an error naming the fix."""
+    folder = Path(model_dir)
+    if not folder.exists():
+        raise ModelNotFound(f"no model folder at {folder}; convert a checkpoint with `starflow convert` first")
+    if not (folder / "flow").is_dir():
+        raise ConfigError(f"{folder} is not a converted model folder (it has no flow/ component); convert one with `starflow convert`")
+    read_model_manifest(folder)
+    return folder
+
+
+def load_parts(folder: Path) -> ModelParts:
+    """Open the components of a model folder (flow + text encoder or labels + VAE), saying what is missing."""
+    sources = read_model_manifest(folder).get("sources") or [{}]
+    flow = load_flow(folder)
+    config = flow.config
+    text_encoder = labels = vae = None
+    if (folder / "labels").is_dir():
+        read_model_manifest(folder / "labels")
+        labels = LabelConfig.load(folder / "labels")
+    elif flow.blocks[-1].has_text:
+        if not (folder / "text_encoder").is_dir():
+            raise ConfigError(f"{folder} has no text_encoder/ component; convert google/flan-t5-xl into {folder / 'text_encoder'} first")
+        text_encoder = load_text_encoder(folder / "text_encoder")
+        if text_encoder.encoder.config.d_model != config.txt_dim:
+            raise ConfigError(f"{folder}: the text encoder's width {text_encoder.encoder.config.d_model} differs from the flow's txt_dim {config.txt_dim}")
+    if config.vae_factor > 1:
+        if not (folder / "vae").is_dir():
+            raise ConfigError(f"{folder} has no vae/ component; convert stabilityai/sd-vae-ft-ema into {folder / 'vae'} first")
+        vae = load_vae(folder / "vae")
+        if vae.config.downsample_factor != config.vae_factor or vae.config.latent_channels != config.in_channels:
+            raise ConfigError(f"{folder}: the VAE (factor {vae.config.downsample_factor}, {vae.config.latent_channels} channels) "
+                              f"does not match the flow (factor {config.vae_factor}, {config.in_channels} channels)")
+    return ModelParts(folder, flow, text_encoder, labels, vae, sources[0].get("sha256", "unknown"))
+
+
+def image_size(config: FlowConfig, options: ExportOptions) -> tuple[int, int]:
+    """(height, width) in pixels: the training size unless given; divisible by the VAE factor × patch."""
+    default = config.latent_size * config.vae_factor
+    height, width = options.height or default, options.width or default
+    unit = config.vae_factor * config.patch_size
+    if height % unit or width % unit:
+        raise ConfigError(
+            f"image size {width}x{height} is not divisible by {unit} (VAE factor {config.vae_factor} × patch size "
+            f"{config.patch_size}); pick --width and --height that are multiples of {unit}"
+        )
+    return height, width
+
+
+def export_coreml(
+    model_dir: str | Path,
+    out: str | Path,
+    dtype: str = "float16",
+    compress: str | None = None,
+    attention: str = "original",
+    target: str = "macOS15",
+    width: int | None = None,
+    height: int | None = None,
+    jacobi_block_sizes: tuple[int, ...] = (16,),
+    batch: int = 1,
+    score_step: bool = True,
+    vae_encoder: bool = False,
+    force: bool = False,
+    kv_cache: str = "state",
+    max_package_bytes: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Export a converted model folder to Core ML packages in `out` (see the module docstring).
+
+    `jacobi_block_sizes` adds a step function per Jacobi chunk size (next to the 1-token step);
+    `batch` is the number of images per flow-block call (rows: batch, or 2·batch in the guided
+    deep block). `kv_cache="io"` (caches as inputs/outputs instead of float16 state) and
+    `max_package_bytes` exist for numerical checks and tests; the defaults are what the Swift
+    package runs.
+    """
+    options = ExportOptions(dtype, compress, attention, target, height, width, tuple(jacobi_block_sizes), batch,
+                            score_step, vae_encoder, kv_cache, max_package_bytes)
+    options.check()
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    folder = model_folder(model_dir)
+    height_px, width_px = image_size(FlowConfig.load(folder / "flow"), options)
+    parts = load_parts(folder)
+    exporter = _Exporter(parts, options, height_px, width_px, progress)
+    with atomic_folder(out, force=force) as tmp:
+        exporter.write(tmp)
+    return out
+
+
+class _Exporter:
+    """Writes the packages and the manifest of one export."""
+
+    def __init__(self, parts: ModelParts, options: ExportOptions, height: int, width: int,
+                 progress: Callable[[int, int], None] | None):
+        self.parts, self.options = parts, options
+        self.config = parts.config
+        self.height, self.width = height, width
+        self.latent = (height // self.config.vae_factor, width // self.config.vae_factor)
+        self.grid = (self.latent[0] // self.config.patch_size, self.latent[1] // self.config.patch_size)
+        self.text_length = self.config.txt_size if parts.flow.blocks[-1].has_text else 0
+        self.progress = progress
+        self.plans = [self._plan(i) for i in range(self.config.num_blocks)]
+        with_score = options.score_step and options.package_limit is None
+        with_encoder = options.vae_encoder and parts.vae is not None and parts.vae.config.has_encoder
+        self.total = (sum(len(p.layer_groups) for p in self.plans) + (parts.text_encoder is not None) + with_score
+                      + (parts.vae is not None) + with_encoder)
+        self.done = 0
+
+    def info(self, description: str, compressed: bool = True, **extra: str) -> PackageInfo:
+        """Package metadata; the score step and the VAE are never compressed."""
+        o = self.options
+        return PackageInfo(self.parts.folder.name, self.parts.source_sha256, LICENSE, (self.height, self.width),
+                           self.text_length, o.dtype, o.compress if compressed else None, o.attention, o.target, description, extra)
+
+    def _advance(self, name: str) -> None:
+        self.done += 1
+        log.info("wrote %s", name)
+        if self.progress:
+            self.progress(self.done, self.total)
+
+    def _plan(self, index: int) -> BlockPlan:
+        block = self.parts.flow.blocks[index]
+        tokens = self.grid[0] * self.grid[1]
+        chunks = tuple(sorted({1, *(min(size, tokens) for size in self.options.jacobi_block_sizes)}))
+        per_layer, outside = weight_bytes(self.config, self.options.dtype, self.options.compress)
+        groups = group_layers(self.config.layers_per_block[index], per_layer, outside, self.options.package_limit)
+        rows = self.options.batch * (2 if block.has_text else 1)
+        return BlockPlan(index, block.flipped, block.has_text, rows, self.grid,
+                         self.text_length if block.has_text else 0, chunks, groups)
+
+    def write(self, folder: Path) -> None:
+        manifest: dict[str, Any] = {
+            "model": {"name": self.parts.folder.name, "source_sha256": self.parts.source_sha256, "license": LICENSE},
+            "precision": self.options.dtype, "compression": self.options.compress,
+            "attention": self.options.attention, "target": self.options.target, "kv_cache": self.options.kv_cache,
+            "batch": self.options.batch,
+            "image": {"height": self.height, "width": self.width, "channels": self._image_channels()},
+            "latent": {"channels": self.config.in_channels, "height": self.latent[0], "width": self.latent[1],
+                       "patch_size": self.config.patch_size},
+            "condition": self._condition(folder),
+            "text_encoder": self._text_encoder(folder),
+            "flow": {"use_softplus": self.config.use_softplus, "noise_std": self.config.noise_std,
+                     "blocks": [self._block(folder, plan) for plan in self.plans]},
+            "score_step": self._score_step(folder),
+            "vae": self._vae(folder),
+        }
+        manifest["weight_bytes"] = {p.name: package_weight_bytes(p) for p in sorted(folder.glob("*.mlpackage"))}
+        write_manifest(folder, manifest)
+
+    def _image_channels(self) -> int:
+        return self.parts.vae.config.out_channels if self.parts.vae else self.config.in_channels
+
+    def _condition(self, folder: Path) -> dict[str, Any] | None:
+        if self.parts.labels is not None:
+            labels = list(self.parts.labels.labels)
+            return {"kind": "labels", "length": 1, "dim": len(labels) + 1, "labels": labels}
+        if self.parts.text_encoder is None:
+            return None
+        shutil.copyfile(self.parts.folder / "text_encoder" / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+        return {"kind": "text", "length": self.text_length, "dim": self.config.txt_dim, "tokenizer": TOKENIZER_FILE}
+
+    def _text_encoder(self, folder: Path) -> dict[str, Any] | None:
+        encoder = self.parts.text_encoder
+        if encoder is None:
+            return None
+        config = encoder.encoder.config
+        per_layer, outside = text_weight_bytes(config, self.options.dtype, self.options.compress)
+        groups = group_layers(config.num_layers, per_layer, outside, self.options.package_limit)
+        names = ["TextEncoder.mlpackage"] if len(groups) == 1 else [f"TextEncoder_{i}.mlpackage" for i in range(len(groups))]
+        threshold = {"linear": config.d_model * config.d_model - 1}
+        for name, layers in zip(names, groups):
+            program = text_encoder_program(encoder.encoder, self.text_length, self.options.dtype, layers)
+            save_package({"main": program}, folder / name, self.info("T5 encoder: token ids and mask → masked text states", layers=_span(layers)), threshold)
+        self._advance("TextEncoder")
+        return {"package": names[0], "packages": names, "hidden": {"input": HIDDEN_IN, "output": HIDDEN_OUT},
+                "inputs": {"input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK}, "output": TEXT_STATES}
+
+    def _block(self, folder: Path, plan: BlockPlan) -> dict[str, Any]:
+        arrays = block_arrays(self.parts.flow, plan.index)
+        op_type = "conv" if self.options.attention == "split-einsum" else "linear"
+        threshold = {op_type: self.config.channels * self.config.channels - 1}
+        names = ([f"FlowBlock{plan.index}.mlpackage"] if len(plan.layer_groups) == 1
+                 else [f"FlowBlock{plan.index}_{g}.mlpackage" for g in range(len(plan.layer_groups))])
+        for group, name in enumerate(names):
+            programs = block_programs(self.config, arrays, plan, group, self.options.attention, self.options.dtype, self.options.kv_cache)
+            description = f"STARFlow block {plan.index}: cached step over a chunk of tokens at a position"
+            save_package(programs, folder / name, self.info(description, block=str(plan.index), layers=_span(plan.layer_groups[group])), threshold)
+            self._advance(name)
+        entry: dict[str, Any] = {
+            "index": plan.index, "package": names[0], "packages": names, "flipped": plan.flipped, "has_text": plan.has_text,
+            "rows": plan.rows, "tokens": plan.tokens, "token_channels": self.config.token_channels,
+            "text_length": plan.text_length, "cache_length": plan.cache_length,
+            "sos": [float(v) for v in arrays["sos"].reshape(-1)],
+            "functions": {"step": {str(n): step_name(n) for n in plan.chunk_sizes}, **({"prefill": PREFILL} if plan.has_text else {})},
+            "inputs": {"tokens": TOKENS, "position": POSITION, **({"text": TEXT} if plan.has_text else {})},
+            "outputs": {"scale_logit": SCALE_LOGIT, "shift": SHIFT},
+            "hidden": {"input": HIDDEN_IN, "output": HIDDEN_OUT},
+            "layers": [list(g) for g in plan.layer_groups],
+        }
+        if self.options.kv_cache == "io":
+            entry["caches"] = {name: updated_name(name) for g in plan.layer_groups for layer in g for name in cache_names(layer)}
+        return entry
+
+    def _score_step(self, folder: Path) -> dict[str, Any] | None:
+        if not self.options.score_step:
+            return None
+        if self.options.package_limit is not None:
+            log.warning("no ScoreStep package for %s: it holds every flow weight again, over the package limit; "
+                        "the app decodes without the score-step denoise", self.options.target)
+            return None
+        program = score_program(self.parts.flow, *self.latent, self.text_length, self.options.dtype)
+        name = "ScoreStep.mlpackage"
+        save_package({"main": program}, folder / name, self.info("score-step denoise: x − σ²·∇ₓ D·nll(x)", compressed=False))
+        self._advance(name)
+        return {"package": name, "inputs": {"latent": LATENT, **({"text": TEXT} if self.text_length else {})},
+                "output": DENOISED, "noise_std": self.config.noise_std}
+
+    def _vae(self, folder: Path) -> dict[str, Any] | None:
+        vae = self.parts.vae
+        if vae is None:
+            return None
+        config: VAEConfig = vae.config
+        save_package({"main": decoder_program(vae, *self.latent, self.options.dtype)}, folder / "VAEDecoder.mlpackage",
+                     self.info("SD-VAE decoder: latent / scaling_factor → raw image (clamp to [-1, 1] after)", compressed=False))
+        self._advance("VAEDecoder")
+        entry = {"package": "VAEDecoder.mlpackage", "scaling_factor": config.scaling_factor, "factor": config.downsample_factor,
+                 "input": LATENT, "output": IMAGE, "divide_by_scaling_factor": True}
+        if self.options.vae_encoder and config.has_encoder:
+            save_package({"main": encoder_program(vae, self.height, self.width, self.options.dtype)}, folder / "VAEEncoder.mlpackage",
+                         self.info("SD-VAE encoder: image in [-1, 1] → scaled posterior mean (the flow's latent)", compressed=False))
+            self._advance("VAEEncoder")
+            entry.update(encoder_package="VAEEncoder.mlpackage", encoder_input=IMAGE, encoder_output=LATENT)
+        return entry
+
+
+def _span(layers: tuple[int, ...]) -> str:
+    return f"{layers[0]}-{layers[-1]}"

@@ -1,0 +1,595 @@
+"""Maximum-likelihood training of a STARFlow model, as the official `train.py` does it, in MLX.
+
+Objective: the flow's loss on Gaussian-noised inputs (noise std = the config's `noise_std`) plus
+`latent_norm_regularization · Σ mean(outputs[k]²)` over the noisy input and the shallow blocks'
+outputs (the deep block's output excluded); conditions are replaced by the empty condition with
+probability `drop_label`, which trains the unconditional branch guidance needs. AdamW (betas
+0.9/0.95, weight decay 1e-4, bias-corrected like PyTorch's), warm-up then cosine decay to
+`min_lr` with the official `CosineLRSchedule` semantics, and global-norm gradient clipping.
+
+A run folder holds `model/` (the latest checkpoint: a loadable model folder), `optimizer/` (the
+optimizer state and the run's settings, for resuming) and `samples/` (sample grids). Every random
+draw (batch order, noise, condition dropout, VAE posterior samples) is a pure function of the
+seed and the step, so a resumed run repeats exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from PIL import Image
+
+from .config import FlowConfig, LabelConfig
+from .dataset import ImageData, batch_indices, heldout_split
+from .errors import ConfigError, InputError, StarFlowError
+from .flow import StarFlow, load_flow
+from .image import decoded_to_uint8, make_grid, uint8_to_model_input
+from .labels import LabelEncoder, UnknownLabel, load_label_encoder
+from .model_io import MODEL_KIND, atomic_folder, read_manifest, save_weights, sha256_file, write_manifest
+from .sampling import bits_per_dim, nll_per_sample
+from .text_encoder import TextEncoder, load_text_encoder
+from .vae import VAE, load_vae
+
+MODEL_FOLDER, OPTIMIZER_FOLDER, SAMPLES_FOLDER = "model", "optimizer", "samples"
+OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "state.json"
+CARRIED_COMPONENTS = ("text_encoder", "vae", "decoder")
+"""Frozen components of a parent model, copied unchanged into every checkpoint."""
+LOG2_PIXEL_SCALE = math.log2(127.5)
+"""Bits per dimension from [-1, 1] pixels to the 8-bit [0, 255] convention."""
+ENCODE_BATCH = 16
+SAMPLE_LIMIT = 16
+_STEP_STREAM, _EVAL_STREAM = 11, 13
+
+
+class TrainingError(StarFlowError):
+    """Training cannot go on (a diverged loss, a run folder that does not match the options)."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that decides a run's numbers, plus how often it writes checkpoints and samples.
+
+    `warmup_steps=None` means one epoch of the training images, the official default.
+    """
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    warmup_steps: int | None = None
+    weight_decay: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    heldout: float = 0.05
+    checkpoint_every: int = 500
+    sample_every: int = 500
+    sample_guidance: float = 3.6
+
+    RUN_ONLY = ("checkpoint_every", "sample_every", "sample_guidance")
+    """Fields that change what is written along the way, not the trained weights."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be at least 1, got {self.steps} and {self.batch_size}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"learning rates must satisfy 0 <= min_lr <= lr, got min_lr {self.min_lr} and lr {self.lr}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("grad_clip and weight_decay must be 0 or more (grad_clip 0 turns clipping off)")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"AdamW betas must be in [0, 1), got {self.beta1} and {self.beta2}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in 0 … 2^32-1, got {self.seed}")
+        if not 0 <= self.heldout < 1:
+            raise ValueError(f"heldout is the held-out share of the images, in [0, 1), got {self.heldout}")
+        if self.checkpoint_every < 0 or self.sample_every < 0:
+            raise ValueError("checkpoint_every and sample_every must be 0 (off) or more")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def numeric(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUN_ONLY}
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """One optimizer step done; evaluation and file results are set on the steps that made them."""
+
+    step: int
+    steps: int
+    loss: float
+    bits_per_dim: float
+    lr: float
+    elapsed: float
+    heldout_bits_per_dim: float | None = None
+    heldout_before: float | None = None
+    checkpoint: Path | None = None
+    samples: Path | None = None
+    stopped: bool = False
+
+
+# ---- schedule and objective (pure) ---------------------------------------------------------------
+
+
+def learning_rate(update: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Learning rate of optimizer update `update` (0-based), as the official CosineLRSchedule sets it.
+
+    The schedule starts at `min_lr` and is stepped after each update; a value outside
+    [min_lr, lr] is not applied. So update 0 runs at `min_lr`, warm-up rises linearly from
+    min(min_lr, 1e-6) to `lr` at update `warmup`, then a cosine falls to `min_lr` at `total`.
+    """
+    if update == 0:
+        return min_lr
+    if update <= warmup:
+        start = min(min_lr, 1e-6)
+        return max(min_lr, start + update / warmup * (lr - start))
+    t = (update - warmup) / max(total - warmup, 1)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (lr - min_lr)
+
+
+def objective(model: StarFlow, x: mx.array, y: mx.array | None) -> tuple[mx.array, mx.array]:
+    """(training loss, flow loss) on a noisy batch: the official `train.py` objective.
+
+    The regulariser keeps the intermediate latents near unit scale; the deep block's output is
+    already pulled there by the Gaussian prior, so it is left out, as upstream.
+    """
+    z, logdets, outputs = model.forward(x, y, return_sequence=True)
+    nll = mx.mean(nll_per_sample(z, logdets))
+    norms = sum(mx.mean(mx.square(out)) for out in outputs[:-1])
+    return nll + model.config.latent_norm_regularization * norms, nll
+
+
+def initialise(model: StarFlow, seed: int) -> None:
+    """The official initialisation, seeded: PyTorch-default linears (weight and bias uniform in
+    ±1/√fan_in), unit LayerNorms, zero RMSNorm offsets, SOS ~ N(0, 1) and a zero output
+    projection weight, so every block starts close to the identity."""
+    linears = [m for _, m in model.named_modules() if isinstance(m, nn.Linear)]
+    keys = mx.random.split(mx.random.key(seed), 2 * len(linears) + len(model.blocks))
+    for i, linear in enumerate(linears):
+        bound = linear.weight.shape[1] ** -0.5
+        linear.weight = mx.random.uniform(-bound, bound, linear.weight.shape, key=keys[2 * i])
+        linear.bias = mx.random.uniform(-bound, bound, linear.bias.shape, key=keys[2 * i + 1])
+    for i, block in enumerate(model.blocks):
+        block.sos = mx.random.normal(block.sos.shape, key=keys[2 * len(linears) + i])
+        block.proj_out.weight = mx.zeros_like(block.proj_out.weight)
+    mx.eval(model.parameters())
+
+
+# ---- what training starts from ---------------------------------------------------------------------
+
+
+@dataclass
+class BaseModel:
+    """The flow to train with its condition encoder (labels or T5) and, for latent models, its VAE.
+
+    `folder` is the parent model folder whose frozen components each checkpoint carries;
+    `source` is its provenance for the manifests.
+    """
+
+    flow: StarFlow
+    labels: LabelEncoder | None
+    text_encoder: TextEncoder | None
+    vae: VAE | None
+    folder: Path | None
+    source: dict[str, Any]
+
+    @property
+    def is_pixel_model(self) -> bool:
+        return self.vae is None
+
+
+def new_label_model(config: FlowConfig, labels: tuple[str, ...], seed: int, source: dict[str, Any]) -> BaseModel:
+    """A freshly initialised pixel-space label model for `labels` (condition width = classes + 1)."""
+    if config.txt_dim != len(labels) + 1 or config.txt_size != 1:
+        raise ConfigError(
+            f"a label model over {len(labels)} classes needs txt_size 1 and txt_dim {len(labels) + 1}, "
+            f"the config has {config.txt_size} and {config.txt_dim}"
+        )
+    if config.vae_factor != 1:
+        raise ConfigError("a new model from a config trains in pixel space; remove the config's vae: entry, or fine-tune a converted latent model with --init")
+    flow = StarFlow(config)
+    initialise(flow, seed)
+    return BaseModel(flow, LabelEncoder(LabelConfig(labels=labels)), None, None, None, source)
+
+
+def load_base_model(folder: str | Path) -> BaseModel:
+    """A converted or trained model folder, ready to fine-tune in float32.
+
+    It must hold `flow/` and either `labels/` or `text_encoder/`; a latent model (VAE factor > 1)
+    must hold `vae/` too. Quantised flows are refused: their weights cannot be trained.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    flow = load_flow(folder)
+    config = flow.config
+    if config.quantization:
+        raise ConfigError(f"{folder} is quantised ({config.quantization['bits']}-bit); fine-tune a float32/float16 conversion instead")
+    if config.dtype != "float32":
+        flow.update(tree_map(lambda p: p.astype(mx.float32), flow.parameters()))
+        flow.config = dataclasses.replace(config, dtype="float32")
+    labels = load_label_encoder(folder / "labels") if (folder / "labels").is_dir() else None
+    text = load_text_encoder(folder / "text_encoder") if labels is None and (folder / "text_encoder").is_dir() else None
+    if labels is None and text is None:
+        raise ConfigError(f"{folder} has neither labels/ nor text_encoder/: training needs the condition encoder the model was made with")
+    if labels is not None and labels.dim != config.txt_dim:
+        raise ConfigError(f"{folder}: labels/ has {len(labels.labels)} classes but the flow's condition width is {config.txt_dim}")
+    vae = None
+    if config.vae_factor > 1:
+        if not (folder / "vae").is_dir():
+            raise ConfigError(f"{folder} is a latent model without vae/: training needs the VAE to encode the images")
+        vae = load_vae(folder / "vae")
+    source = {"parent": str(folder.resolve()), "parent_manifest_sha256": sha256_file(folder / "manifest.json"),
+              "parent_sources": manifest.get("sources", [])}
+    return BaseModel(flow, labels, text, vae, folder, source)
+
+
+# ---- data in model space (precomputed once per run) -------------------------------------------------
+
+
+@dataclass
+class ModelSpaceData:
+    """Images as the flow sees them and their conditions.
+
+    `means` (N, C, H, W): pixels in [-1, 1] or scaled VAE posterior means; `stds`: scaled
+    posterior standard deviations (None in pixel space). `table` (U+1, T, D) holds one
+    condition per distinct caption and, last, the empty condition; `ids` picks each image's row.
+    """
+
+    means: mx.array
+    stds: mx.array | None
+    ids: np.ndarray
+    table: mx.array
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def empty_id(self) -> int:
+        return self.table.shape[0] - 1
+
+
+def image_size(config: FlowConfig) -> int:
+    """Pixel side the flow trains on: its latent size times the VAE factor."""
+    return config.latent_size * config.vae_factor
+
+
+def encode_conditions(base: BaseModel, captions: tuple[str, ...]) -> tuple[np.ndarray, mx.array, tuple[str, ...]]:
+    """(row per image, condition table with the empty condition last, the table's captions)."""
+    if base.labels is not None:
+        try:
+            ids = np.array(base.labels.ids(list(captions)), dtype=np.int64)
+        except UnknownLabel as e:
+            raise InputError(f"a caption of the data is not a class of this model: {e}") from None
+        if (ids == base.labels.empty_id).any():
+            raise InputError("a caption of the data is empty; every image of a label model needs its class name")
+        return ids, base.labels.encode([*base.labels.labels, ""]), base.labels.labels
+    names = tuple(dict.fromkeys(captions))
+    row = {name: i for i, name in enumerate(names)}
+    prompts = [*names, ""]
+    length = base.flow.config.txt_size
+    table = mx.concatenate([base.text_encoder.encode(prompts[i : i + ENCODE_BATCH], length)
+                            for i in range(0, len(prompts), ENCODE_BATCH)], axis=0)
+    if table.shape[2] != base.flow.config.txt_dim:
+        raise ConfigError(f"the text encoder gives {table.shape[2]}-wide states but the flow reads {base.flow.config.txt_dim}; use the model's own text_encoder/")
+    mx.eval(table)
+    return np.array([row[c] for c in captions], dtype=np.int64), table, names
+
+
+def to_model_space(base: BaseModel, data: ImageData, conditions: tuple[np.ndarray, mx.array, tuple[str, ...]]) -> ModelSpaceData:
+    """Pixels → flow inputs (VAE-encoded for latent models) with each image's condition row."""
+    ids, table, names = conditions
+    if base.vae is None:
+        return ModelSpaceData(uint8_to_model_input(data.images), None, ids, table, names)
+    means, stds = [], []
+    scale = base.vae.config.scaling_factor
+    for i in range(0, len(data), ENCODE_BATCH):
+        mean, logvar = base.vae.latent_distribution(uint8_to_model_input(data.images[i : i + ENCODE_BATCH]))
+        means.append(mean * scale)
+        stds.append(mx.exp(0.5 * logvar) * scale)
+        mx.eval(means[-1], stds[-1])
+    return ModelSpaceData(mx.concatenate(means), mx.concatenate(stds), ids, table, names)
+
+
+def training_batch(data: ModelSpaceData, config: FlowConfig, settings: TrainSettings, step: int) -> tuple[mx.array, mx.array]:
+    """(noisy inputs, conditions) of optimizer step `step`: a pure function of the seed and step."""
+    rows = batch_indices(len(data), settings.batch_size, settings.seed, step)
+    rng = np.random.RandomState([settings.seed, _STEP_STREAM, step])
+    shape = (len(rows), *data.means.shape[1:])
+    take = mx.array(rows)
+    x = data.means[take]
+    if data.stds is not None:
+        x = x + data.stds[take] * mx.array(rng.standard_normal(shape).astype(np.float32))
+    x = x + config.noise_std * mx.array(rng.standard_normal(shape).astype(np.float32))
+    dropped = rng.random_sample(len(rows)) < config.drop_label
+    ids = np.where(dropped, data.empty_id, data.ids[rows])
+    return x, data.table[mx.array(ids)]
+
+
+def heldout_bits_per_dim(model: StarFlow, data: ModelSpaceData, noise_std: float, seed: int, batch_size: int) -> float:
+    """Mean bits/dim of held-out images (posterior means for latent models) with the training
+    noise added from a fixed seed, under their own conditions: the continuous figure."""
+    total = 0.0
+    for start in range(0, len(data), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(data)))
+        noise = np.random.RandomState([seed, _EVAL_STREAM, start]).standard_normal((len(rows), *data.means.shape[1:]))
+        x = data.means[mx.array(rows)] + noise_std * mx.array(noise.astype(np.float32))
+        bpd = model.bits_per_dim(x, data.table[mx.array(data.ids[rows])])
+        total += mx.sum(bpd).item()
+    return total / len(data)
+
+
+# ---- sample grids ------------------------------------------------------------------------------------
+
+
+def sample_images(base: BaseModel, model: StarFlow, conditions: mx.array, empty: mx.array, seed: int, guidance: float) -> np.ndarray:
+    """uint8 (B, 3, H, W) samples for condition rows (B, T, D), the score-step denoised as the
+    official sampler does; noise of image i is RandomState(seed + i), the project's convention."""
+    c = model.config
+    side = c.latent_size
+    noise = np.concatenate([np.random.RandomState(seed + i).standard_normal((1, c.in_channels, side, side)) for i in range(conditions.shape[0])])
+    y = mx.concatenate([conditions, mx.broadcast_to(empty, conditions.shape)]) if guidance > 0 else conditions
+    out = model.sample(mx.array(noise.astype(np.float32)), y, guidance=guidance)
+    out = model.denoise(out, conditions)
+    return decoded_to_uint8(out if base.vae is None else base.vae.decode(out))
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Write a uint8 (3, H, W) image through a temporary file, so no half-written PNG remains."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(image.transpose(1, 2, 0)).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------
+
+
+def hardware() -> str:
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, MLX {mx.__version__} on {mx.default_device()}"
+
+
+def save_checkpoint(out: Path, base: BaseModel, model: StarFlow, optimizer: optim.Optimizer, state: dict[str, Any],
+                    training: dict[str, Any]) -> Path:
+    """Write `out/model/` (a loadable model folder) then `out/optimizer/`, each atomically."""
+    provenance = {**base.source, "training_command": training.get("command")}
+    with atomic_folder(out / MODEL_FOLDER, force=True) as tmp:
+        (tmp / "flow").mkdir()
+        model.config.save(tmp / "flow")
+        save_weights(tmp / "flow", model)
+        write_manifest(tmp / "flow", FlowConfig.KIND, sources=[provenance], training_step=state["step"])
+        components = ["flow"]
+        if base.labels is not None:
+            (tmp / "labels").mkdir()
+            LabelConfig(labels=base.labels.labels).save(tmp / "labels")
+            write_manifest(tmp / "labels", LabelConfig.KIND, sources=[training["data"]])
+            components.append("labels")
+        for name in CARRIED_COMPONENTS:
+            if base.folder is not None and (base.folder / name).is_dir():
+                shutil.copytree(base.folder / name, tmp / name, copy_function=_link_or_copy)
+                components.append(name)
+        write_manifest(tmp, MODEL_KIND, sources=[provenance], components=components, training=training)
+    with atomic_folder(out / OPTIMIZER_FOLDER, force=True) as tmp:
+        mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    return out / MODEL_FOLDER
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link a frozen component's file (a T5-XL is gigabytes), copying across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def read_run_state(out: Path) -> dict[str, Any]:
+    """The state of a run folder's last checkpoint, checked to be complete and consistent."""
+    state_path = out / OPTIMIZER_FOLDER / STATE_FILE
+    if not state_path.is_file() or not (out / MODEL_FOLDER).is_dir():
+        raise ConfigError(f"{out} holds no training checkpoint ({MODEL_FOLDER}/ and {OPTIMIZER_FOLDER}/{STATE_FILE}); start a run with --out instead")
+    state = json.loads(state_path.read_text())
+    trained = read_manifest(out / MODEL_FOLDER).get("training", {})
+    if trained.get("step") != state.get("step"):
+        raise ConfigError(
+            f"{out}: the model is at step {trained.get('step')} but the optimizer state at step {state.get('step')} "
+            f"(a checkpoint was interrupted); start a new run"
+        )
+    return state
+
+
+def check_resumable(out: Path, state: dict[str, Any], expected: dict[str, Any]) -> None:
+    """A resumed run must have the model config, classes, data and settings it was started with."""
+    for key, value in expected.items():
+        if state.get(key) == value:
+            continue
+        if isinstance(value, dict) and isinstance(state.get(key), dict):
+            diffs = [f"{k}: {state[key].get(k)!r} there, {value.get(k)!r} now" for k in sorted(set(value) | set(state[key]))
+                     if state[key].get(k) != value.get(k)]
+            detail = "; ".join(diffs[:4])
+        else:
+            detail = "it differs"
+        raise ConfigError(f"{out} was trained with a different {key.replace('_', ' ')} ({detail}); resume with that run's options or start a new run")
+
+
+def restore_optimizer(optimizer: optim.Optimizer, model: StarFlow, folder: Path) -> None:
+    """Load the saved AdamW state; it must cover exactly the model's parameters."""
+    saved = mx.load(str(folder / OPTIMIZER_FILE))
+    expected = {k for k, _ in tree_flatten(optimizer.state)}
+    if set(saved) != expected:
+        raise ConfigError(f"{folder / OPTIMIZER_FILE} does not match this model's parameters; start a new run")
+    optimizer.state = tree_unflatten(list(saved.items()))
+    optimizer.init(model.trainable_parameters())
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: StarFlow, settings: TrainSettings) -> optim.AdamW:
+    optimizer = optim.AdamW(learning_rate=settings.min_lr, betas=[settings.beta1, settings.beta2],
+                            weight_decay=settings.weight_decay, bias_correction=True)
+    optimizer.init(model.trainable_parameters())
+    return optimizer
+
+
+def make_train_step(model: StarFlow, optimizer: optim.Optimizer, grad_clip: float) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
+    """One compiled AdamW step on a batch: returns (training loss, flow loss) before the update."""
+    loss_and_grad = nn.value_and_grad(model, objective)
+    state = [model.state, optimizer.state]
+
+    def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
+        (loss, nll), grads = loss_and_grad(model, x, y)
+        if grad_clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, grad_clip)
+        optimizer.update(model, grads)
+        return loss, nll
+
+    return mx.compile(step, inputs=state, outputs=state)
+
+
+def train(
+    base: BaseModel,
+    data: ImageData,
+    out: str | Path,
+    settings: TrainSettings,
+    *,
+    command: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> Generator[TrainProgress, None, None]:
+    """Train `base.flow` on `data`, yielding after every step; checkpoints go to the run folder `out`.
+
+    Everything is checked before anything is written: a new run refuses an existing `out`
+    unless `force`; `resume` continues `out` from its last checkpoint and refuses a run made with
+    another config, classes, data or settings. When `should_stop()` turns true a checkpoint is
+    written and the last item has `stopped` set. The final checkpoint is always written.
+    """
+    out = Path(out)
+    model, config = base.flow, base.flow.config
+    train_rows, heldout_rows = heldout_split(len(data), settings.heldout, settings.seed)
+    if settings.batch_size > len(train_rows):
+        raise InputError(f"batch size {settings.batch_size} is larger than the {len(train_rows)} training images; lower the batch size")
+    expected = {"flow_config": config.to_dict(), "labels": list(base.labels.labels) if base.labels else None,
+                "data_fingerprint": data.fingerprint(), "settings": settings.numeric()}
+    start, seconds, wall_before = 0, 0.0, 0.0
+    if resume:
+        state = read_run_state(out)
+        check_resumable(out, state, expected)
+        start, seconds, wall_before = state["step"], state["train_seconds"], state["wall_seconds"]
+        if start >= settings.steps:
+            raise TrainingError(f"{out} already finished its {settings.steps} steps; start a new run to train more")
+    elif out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} already exists; pass --resume to continue that run or --force to start over")
+
+    conditions = encode_conditions(base, data.captions)
+    space = to_model_space(base, data, conditions)
+    train_space = _subset(space, train_rows)
+    heldout_space = _subset(space, heldout_rows) if len(heldout_rows) else None
+    if resume:
+        model.load_weights(str(out / MODEL_FOLDER / "flow" / "model.safetensors"), strict=True)
+    else:
+        for name in (MODEL_FOLDER, OPTIMIZER_FOLDER, SAMPLES_FOLDER):
+            shutil.rmtree(out / name, ignore_errors=True)
+    optimizer = make_optimizer(model, settings)
+    if resume:
+        restore_optimizer(optimizer, model, out / OPTIMIZER_FOLDER)
+    step_fn = make_train_step(model, optimizer, settings.grad_clip)
+    warmup = settings.warmup_steps if settings.warmup_steps is not None else len(train_rows) // settings.batch_size
+
+    prompts = _sample_prompts(space)
+    training = {
+        "command": command, "parent": base.source, "data": data.source, "seed": settings.seed,
+        "settings": settings.to_dict(), "warmup_steps_used": warmup, "training_images": len(train_rows),
+        "heldout_images": len(heldout_rows), "skipped_images": len(data.skipped), "hardware": hardware(),
+    }
+
+    def evaluate() -> float | None:
+        if heldout_space is None:
+            return None
+        return heldout_bits_per_dim(model, heldout_space, config.noise_std, settings.seed, settings.batch_size)
+
+    def checkpoint(step: int, heldout: float | None) -> Path:
+        wall = wall_before + time.perf_counter() - started
+        state = {**expected, "step": step, "train_seconds": seconds, "wall_seconds": wall}
+        record = {**training, "step": step, "train_seconds": round(seconds, 1), "wall_seconds": round(wall, 1),
+                  **_bits_record(heldout, base.is_pixel_model)}
+        return save_checkpoint(out, base, model, optimizer, state, record)
+
+    def samples(step: int) -> Path:
+        path = out / SAMPLES_FOLDER / f"step-{step:06d}.png"
+        tiles = sample_images(base, model, prompts, space.table[-1:], settings.seed, settings.sample_guidance)
+        write_png(path, make_grid(list(tiles), columns=min(len(tiles), 8)))
+        return path
+
+    started = time.perf_counter()
+    initial = evaluate()
+    training["heldout_bits_per_dim_at_start"] = None if initial is None else round(initial, 4)
+    for step in range(start, settings.steps):
+        lr = learning_rate(step, settings.lr, settings.min_lr, warmup, settings.steps)
+        optimizer.learning_rate = lr
+        x, y = training_batch(train_space, config, settings, step)
+        tick = time.perf_counter()
+        loss, nll = step_fn(x, y)
+        mx.eval(loss, nll, model.state, optimizer.state)
+        seconds += time.perf_counter() - tick
+        if not math.isfinite(loss.item()):
+            raise TrainingError(f"the loss became {loss.item()} at step {step + 1}; lower the learning rate or the gradient clip")
+        done = step + 1
+        stop = should_stop() if should_stop else False
+        last = done == settings.steps or stop
+        heldout = None
+        saved = sample_path = None
+        if last or (settings.checkpoint_every and done % settings.checkpoint_every == 0):
+            heldout = evaluate()
+            saved = checkpoint(done, heldout)
+        if settings.sample_every and (done % settings.sample_every == 0 or (last and not stop)):
+            sample_path = samples(done)
+        yield TrainProgress(done, settings.steps, loss.item(), bits_per_dim(nll).item(), lr, time.perf_counter() - started,
+                            heldout, initial if step == start else None, saved, sample_path, stop)
+        if stop:
+            return
+
+
+def _subset(space: ModelSpaceData, rows: np.ndarray) -> ModelSpaceData:
+    take = mx.array(rows)
+    stds = space.stds[take] if space.stds is not None else None
+    return ModelSpaceData(space.means[take], stds, space.ids[rows], space.table, space.names)
+
+
+def _sample_prompts(space: ModelSpaceData) -> mx.array:
+    """Condition rows of the sample grid: every class or distinct caption, at most SAMPLE_LIMIT."""
+    count = min(len(space.names), SAMPLE_LIMIT)
+    return space.table[:count]
+
+
+def _bits_record(heldout: float | None, pixel: bool) -> dict[str, Any]:
+    if heldout is None:
+        return {"heldout_bits_per_dim": None}
+    record: dict[str, Any] = {"heldout_bits_per_dim": round(heldout, 4)}
+    if pixel:
+        record["heldout_bits_per_dim_8bit"] = round(heldout + LOG2_PIXEL_SCALE, 4)
+        record["bits_per_dim_convention"] = ("continuous density of [-1, 1] pixels with the training noise added; "
+                                             "the 8-bit figure adds log2(127.5) per dimension")
+    else:
+        record["bits_per_dim_convention"] = "continuous density of the scaled VAE latents (posterior means) with the training noise added"
+    return record
