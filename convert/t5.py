@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 from convert.checkpoint import LazyTensor, TensorEntry, open_checkpoint
 from convert.maps.t5 import map_t5_weights
 from convert.safetensors_io import write_safetensors
-from mlx_starflow.config import DTYPES, T5Config
+from mlx_starflow.config import DTYPES, T5Config, read_json_object
 from mlx_starflow.errors import ConfigError, ModelNotFound, WeightsError
 from mlx_starflow.model_io import WEIGHTS_FILE, atomic_folder, sha256_file, write_manifest
 from mlx_starflow.t5 import T5Encoder
@@ -73,13 +73,7 @@ def read_hf_config(src: Path) -> dict[str, Any]:
     path = src / HF_CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{src} has no {HF_CONFIG_FILE}; download it with the model's weights")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); download it again") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} does not hold a JSON object; download it again")
-    return data
+    return read_json_object(path, "download it again")
 
 
 def t5_config_from_hf(hf: dict[str, Any], dtype: str) -> T5Config:

@@ -8,7 +8,6 @@ noisy-latent decoder becomes `decoder/`: the same config with `has_encoder: fals
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from mlx.utils import tree_flatten
 
 from convert.checkpoint import LazyTensor, open_checkpoint
 from convert.maps.vae import MappedTensor, apply, finetuned_to_diffusers
-from mlx_starflow.config import DTYPES, VAEConfig
+from mlx_starflow.config import DTYPES, VAEConfig, read_json_object
 from mlx_starflow.errors import ConfigError, ModelNotFound, WeightsError
 from mlx_starflow.model_io import atomic_folder, save_weights, sha256_file, write_manifest
 from mlx_starflow.vae import VAE
@@ -52,12 +51,7 @@ that only its video-VAE branch applies."""
 def read_diffusers_config(path: str | Path) -> VAEConfig:
     """Our `VAEConfig` from a diffusers AutoencoderKL `config.json`; anything we cannot run is an error."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {path} as JSON ({e}); point at a diffusers AutoencoderKL folder") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} does not hold a JSON object; point at a diffusers AutoencoderKL folder")
+    raw = read_json_object(path, "point at a diffusers AutoencoderKL folder")
     class_name = raw.get("_class_name", "AutoencoderKL")
     if class_name != "AutoencoderKL":
         raise ConfigError(f"{path} describes a {class_name}, not an AutoencoderKL; point at an SD-VAE folder such as stabilityai/sd-vae-ft-ema")
@@ -143,11 +137,7 @@ def _base_config(base: Path) -> tuple[VAEConfig, Path]:
     config_file = base / "config.json"
     if not config_file.is_file():
         raise ModelNotFound(f"no VAE config at {config_file}; pass the converted vae/ folder or the diffusers VAE folder the decoder belongs to")
-    try:
-        ours = "kind" in json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{config_file} is not valid JSON ({e})") from None
-    if ours:
+    if "kind" in read_json_object(config_file, "pass the converted vae/ folder or the diffusers VAE folder"):
         return VAEConfig.load(base), config_file
     return read_diffusers_config(config_file), config_file
 

@@ -64,13 +64,18 @@ class ComponentConfig:
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise ConfigError(f"{folder} has no config.json: it is not a converted {cls.KIND} folder; convert one with `starflow convert`")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); convert the model again") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} does not hold a JSON object; convert the model again")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json_object(path, "convert the model again"), source=str(path))
+
+
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is a `ConfigError` ending with `fix`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path} as JSON ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a JSON object; {fix}")
+    return data
 
 
 def _is_required(f: dataclasses.Field) -> bool:

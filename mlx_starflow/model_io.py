@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .config import read_json_object
 from .errors import ConfigError, ModelNotFound, WeightsError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -115,10 +116,7 @@ def read_manifest(folder: str | Path, verify_hashes: bool = False) -> dict:
     path = folder / MANIFEST_FILE
     if not path.is_file():
         raise ConfigError(f"{folder} has no {MANIFEST_FILE}: the conversion did not finish or this is not a converted folder; convert it again")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); convert the model again") from None
+    manifest = read_json_object(path, "convert the model again")
     if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
         raise ConfigError(
             f"{folder} was written by an incompatible converter (format {manifest.get('format')!r} "

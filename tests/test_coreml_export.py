@@ -36,6 +36,7 @@ from convert.coreml.pipeline import Jacobi, sample
 from convert.model import convert_model
 from mlx_starflow import load_flow
 from mlx_starflow.vae import load_vae
+from arrays import load, max_abs
 
 TEXT_TOL, SAMPLE_TOL, STEP_TOL, DENOISE_TOL, VAE_TOL = 1e-5, 2e-4, 1e-4, 1e-4, 2e-5
 
@@ -50,16 +51,6 @@ smallest structural-bug signal of its README: T5 0.54 (bucket max distance), flo
 (RoPE θ, guidance 0) and 0.22 (guidance scale, 2.5), denoise 1.0 (σ instead of σ²), VAE 0.016
 (GroupNorm eps). Float16 cannot resolve the sub-1e-3 signals (GELU form, LayerNorm eps).
 """
-
-
-def max_abs(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max())
-
-
-def load(path: Path) -> dict[str, np.ndarray]:
-    return {k: np.array(v) for k, v in mx.load(str(path)).items()}
 
 
 @pytest.fixture(scope="module")

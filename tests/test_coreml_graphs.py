@@ -36,6 +36,7 @@ from convert.model import convert_model
 from mlx_starflow import load_flow
 from mlx_starflow.text_encoder import load_text_encoder
 from mlx_starflow.vae import load_vae
+from arrays import load, max_abs
 
 STEP_TOL, SAMPLE_TOL, TEXT_TOL, VAE_TOL = 1e-4, 2e-4, 1e-5, 2e-5
 COMPRESSED_STEP_BUDGET = {"int8": 2e-2, "int4": 2e-1}
@@ -44,16 +45,6 @@ alone 4.9e-4, int8 3.8e-3, int4 6.4e-2 (int8 keeps 8 bits per weight with a scal
 channel, int4 4 bits with a scale per block of 32), about 3-5× below each budget."""
 VAE_FLOAT16_BUDGET = 1e-2
 """As in test_coreml_export.py: measured 5.2e-3 against the official decode; GroupNorm eps (0.016) still shows."""
-
-
-def max_abs(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max())
-
-
-def load(path: Path) -> dict[str, np.ndarray]:
-    return {k: np.array(v) for k, v in mx.load(str(path)).items()}
 
 
 @pytest.fixture(scope="module")
