@@ -341,15 +341,29 @@ class StarFlowPipeline:
 
         yield report("done", num_batches - 1, 1, 1, timings=timings)
 
-    def generate(self, prompts: str | Sequence[str], **settings) -> list[Image.Image]:
-        """Run `iter_generate` to the end; the images carry their settings in `image.info`.
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        seed: int | None = None,
+        guidance: float = 3.6,
+        jacobi: bool = True,
+        jacobi_block_size: int = 16,
+        jacobi_threshold: float = 1e-3,
+        jacobi_max_iter: int = 32,
+        width: int | None = None,
+        height: int | None = None,
+        batch_size: int | None = None,
+        denoise: str | None = None,
+    ) -> list[Image.Image]:
+        """One image per prompt (image i from seed + i); the images carry their settings in `image.info`.
 
         Defaults are the official script's: guidance 3.6, Jacobi (block 16, threshold 1e-3,
         32 iterations), the training size, score-step denoising unless the folder has a
         fine-tuned decoder, and a batch size chosen to fit memory (`default_batch_size`).
         """
         images = []
-        for progress in self.iter_generate(prompts, **settings):
+        for progress in self.iter_generate(prompts, seed, guidance, jacobi, jacobi_block_size, jacobi_threshold,
+                                           jacobi_max_iter, width, height, batch_size, denoise):
             images += [result.image for result in progress.images]
         return images
 

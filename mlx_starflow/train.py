@@ -16,7 +16,6 @@ seed and the step, so a resumed run repeats exactly what the uninterrupted run w
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -31,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_map
 from PIL import Image
 
 from .config import FlowConfig, LabelConfig
@@ -40,15 +39,12 @@ from .errors import ConfigError, InputError, StarFlowError
 from .flow import StarFlow, load_flow
 from .image import decoded_to_uint8, make_grid, uint8_to_model_input
 from .labels import LabelEncoder, UnknownLabel, load_label_encoder
-from .model_io import MODEL_KIND, atomic_folder, read_manifest, save_weights, sha256_file, write_manifest
+from .model_io import read_manifest, sha256_file
+from .run_folder import MODEL_FOLDER, OPTIMIZER_FOLDER, SAMPLES_FOLDER, check_resumable, read_run_state, restore_optimizer, save_checkpoint
 from .sampling import bits_per_dim, nll_per_sample
 from .text_encoder import TextEncoder, load_text_encoder
 from .vae import VAE, load_vae
 
-MODEL_FOLDER, OPTIMIZER_FOLDER, SAMPLES_FOLDER = "model", "optimizer", "samples"
-OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "state.json"
-CARRIED_COMPONENTS = ("text_encoder", "vae", "decoder")
-"""Frozen components of a parent model, copied unchanged into every checkpoint."""
 LOG2_PIXEL_SCALE = math.log2(127.5)
 """Bits per dimension from [-1, 1] pixels to the 8-bit [0, 255] convention."""
 ENCODE_BATCH = 16
@@ -361,84 +357,11 @@ def write_png(path: Path, image: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------------
+# ---- provenance ---------------------------------------------------------------------------------------
 
 
 def hardware() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, MLX {mx.__version__} on {mx.default_device()}"
-
-
-def save_checkpoint(out: Path, base: BaseModel, model: StarFlow, optimizer: optim.Optimizer, state: dict[str, Any],
-                    training: dict[str, Any]) -> Path:
-    """Write `out/model/` (a loadable model folder) then `out/optimizer/`, each atomically."""
-    provenance = {**base.source, "training_command": training.get("command")}
-    with atomic_folder(out / MODEL_FOLDER, force=True) as tmp:
-        (tmp / "flow").mkdir()
-        model.config.save(tmp / "flow")
-        save_weights(tmp / "flow", model)
-        write_manifest(tmp / "flow", FlowConfig.KIND, sources=[provenance], training_step=state["step"])
-        components = ["flow"]
-        if base.labels is not None:
-            (tmp / "labels").mkdir()
-            LabelConfig(labels=base.labels.labels).save(tmp / "labels")
-            write_manifest(tmp / "labels", LabelConfig.KIND, sources=[training["data"]])
-            components.append("labels")
-        for name in CARRIED_COMPONENTS:
-            if base.folder is not None and (base.folder / name).is_dir():
-                shutil.copytree(base.folder / name, tmp / name, copy_function=_link_or_copy)
-                components.append(name)
-        write_manifest(tmp, MODEL_KIND, sources=[provenance], components=components, training=training)
-    with atomic_folder(out / OPTIMIZER_FOLDER, force=True) as tmp:
-        mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    return out / MODEL_FOLDER
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    """Hard-link a frozen component's file (a T5-XL is gigabytes), copying across file systems."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def read_run_state(out: Path) -> dict[str, Any]:
-    """The state of a run folder's last checkpoint, checked to be complete and consistent."""
-    state_path = out / OPTIMIZER_FOLDER / STATE_FILE
-    if not state_path.is_file() or not (out / MODEL_FOLDER).is_dir():
-        raise ConfigError(f"{out} holds no training checkpoint ({MODEL_FOLDER}/ and {OPTIMIZER_FOLDER}/{STATE_FILE}); start a run with --out instead")
-    state = json.loads(state_path.read_text())
-    trained = read_manifest(out / MODEL_FOLDER).get("training", {})
-    if trained.get("step") != state.get("step"):
-        raise ConfigError(
-            f"{out}: the model is at step {trained.get('step')} but the optimizer state at step {state.get('step')} "
-            f"(a checkpoint was interrupted); start a new run"
-        )
-    return state
-
-
-def check_resumable(out: Path, state: dict[str, Any], expected: dict[str, Any]) -> None:
-    """A resumed run must have the model config, classes, data and settings it was started with."""
-    for key, value in expected.items():
-        if state.get(key) == value:
-            continue
-        if isinstance(value, dict) and isinstance(state.get(key), dict):
-            diffs = [f"{k}: {state[key].get(k)!r} there, {value.get(k)!r} now" for k in sorted(set(value) | set(state[key]))
-                     if state[key].get(k) != value.get(k)]
-            detail = "; ".join(diffs[:4])
-        else:
-            detail = "it differs"
-        raise ConfigError(f"{out} was trained with a different {key.replace('_', ' ')} ({detail}); resume with that run's options or start a new run")
-
-
-def restore_optimizer(optimizer: optim.Optimizer, model: StarFlow, folder: Path) -> None:
-    """Load the saved AdamW state; it must cover exactly the model's parameters."""
-    saved = mx.load(str(folder / OPTIMIZER_FILE))
-    expected = {k for k, _ in tree_flatten(optimizer.state)}
-    if set(saved) != expected:
-        raise ConfigError(f"{folder / OPTIMIZER_FILE} does not match this model's parameters; start a new run")
-    optimizer.state = tree_unflatten(list(saved.items()))
-    optimizer.init(model.trainable_parameters())
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
@@ -533,7 +456,7 @@ def train(
         state = {**expected, "step": step, "train_seconds": seconds, "wall_seconds": wall}
         record = {**training, "step": step, "train_seconds": round(seconds, 1), "wall_seconds": round(wall, 1),
                   **_bits_record(heldout, base.is_pixel_model)}
-        return save_checkpoint(out, base, model, optimizer, state, record)
+        return save_checkpoint(out, model, optimizer, state, record, base.source, base.labels, base.folder)
 
     def samples(step: int) -> Path:
         path = out / SAMPLES_FOLDER / f"step-{step:06d}.png"

@@ -16,8 +16,9 @@ from convert.official_config import flow_config, read_official_config
 from mlx_starflow.dataset import CAPTIONS_FILE, ImageData, load_image_folder
 from mlx_starflow.errors import ConfigError
 from mlx_starflow.model_io import sha256_file
+from mlx_starflow.run_folder import MODEL_FOLDER
 from mlx_starflow.train import (
-    LOG2_PIXEL_SCALE, MODEL_FOLDER, BaseModel, TrainProgress, TrainSettings, image_size, load_base_model,
+    LOG2_PIXEL_SCALE, BaseModel, TrainProgress, TrainSettings, image_size, load_base_model,
     new_label_model, train as train_model,
 )
 
