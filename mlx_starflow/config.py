@@ -158,6 +158,16 @@ class FlowConfig(ComponentConfig):
         return self.in_channels * self.patch_size**2
 
     @property
+    def image_side(self) -> int:
+        """Pixel side of the training size: the latent side times the VAE factor."""
+        return self.latent_size * self.vae_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: VAE factor × patch size."""
+        return self.vae_factor * self.patch_size
+
+    @property
     def pt_seq_len(self) -> int:
         """Token grid side at the training size; RoPE positions are scaled to it."""
         return self.latent_size // self.patch_size
