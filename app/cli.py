@@ -17,6 +17,7 @@ from mlx_starflow.errors import StarFlowError
 
 from .commands import convert as convert_command
 from .commands import export_coreml as export_coreml_command
+from .commands import export_pth as export_pth_command
 from .commands import demo_data as demo_data_command
 from .commands import train as train_command
 from .commands import generate as generate_command
@@ -33,6 +34,7 @@ app = typer.Typer(
 )
 app.command("convert")(convert_command.convert)
 app.command("export-coreml")(export_coreml_command.export_coreml)
+app.command("export-pth")(export_pth_command.export_pth)
 app.command("train")(train_command.train)
 app.command("demo-data")(demo_data_command.demo_data)
 app.command("generate")(generate_command.generate)

@@ -6,7 +6,6 @@ quantised), so converting the 3B model needs memory near its largest tensor, not
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from .checkpoint import LazyTensor, TensorEntry, open_checkpoint
 from .maps.starflow import map_names, strip_wrappers
 from .official_config import OfficialConfig, flow_config
 from .safetensors_io import write_safetensors
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 

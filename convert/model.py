@@ -8,7 +8,6 @@ renamed into place only when complete.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from .flow import write_flow
 from .official_config import OfficialConfig, read_official_config
 from .t5 import convert_t5
 from .vae import convert_finetuned_decoder, convert_vae
-
-log = logging.getLogger(__name__)
 
 VAE_DTYPE = "float32"
 """The VAE and fine-tuned decoder stay float32, as the official sampler decodes: they are small

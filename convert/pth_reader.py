@@ -29,6 +29,8 @@ from mlx_starflow.errors import ModelNotFound, WeightsError
 from .checkpoint import LazyTensor, itemsize, raw_dtype, read_span
 
 ZIP_MAGIC = b"PK\x03\x04"
+MAX_PICKLE_BYTES = 64 << 20
+"""A state dict's pickle holds names and shapes only (the 3B checkpoint's is well under 1 MB)."""
 # torch's pre-1.6 format starts with a protocol-2 pickle of this magic number (a LONG1 of 10 bytes).
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
@@ -228,6 +230,10 @@ def open_pth(path: str | Path) -> dict[str, LazyTensor]:
         with zipfile.ZipFile(path) as archive:
             members = {info.filename: info for info in archive.infolist()}
             root = _archive_root(archive, path)
+            pickle_info = members[root + "data.pkl"]
+            if pickle_info.compress_type != zipfile.ZIP_STORED or pickle_info.file_size > MAX_PICKLE_BYTES:
+                raise WeightsError(f"{path}: its data.pkl is compressed or over {MAX_PICKLE_BYTES >> 20} MB, which torch never writes; "
+                                   "re-save the checkpoint with torch.save")
             pickled = archive.read(root + "data.pkl")
             # torch before 2.1 wrote no byteorder record, and only little-endian data
             byteorder = archive.read(root + "byteorder") if root + "byteorder" in members else b"little"

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .errors import InputError
-from .image import read_image
+from .image import fit_image, read_image
 from .model_io import sha256_file
 
 CAPTIONS_FILE = "captions.tsv"
@@ -69,17 +68,10 @@ def read_captions(path: Path) -> list[tuple[str, str]]:
 
 
 def fit_square(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (3, H, W) → (3, size, size): kept if already that size, else bicubic resize of the
-    shorter side to `size` and a centre crop."""
+    """uint8 (3, H, W) → (3, size, size), prepared as the official data pipeline and `starflow score`
+    do (`image.fit_image`): kept if already that size, else a centred crop resized bilinearly."""
     _, height, width = image.shape
-    if height == width == size:
-        return image
-    scale = size / min(height, width)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    resized = Image.fromarray(image.transpose(1, 2, 0)).resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    cropped = resized.crop((left, top, left + size, top + size))
-    return np.asarray(cropped, dtype=np.uint8).transpose(2, 0, 1).copy()
+    return image if height == width == size else fit_image(image, size, size)
 
 
 def load_image_folder(folder: str | Path, size: int, captions: str | Path | None = None) -> ImageData:

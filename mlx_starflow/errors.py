@@ -23,3 +23,10 @@ class ModelNotFound(StarFlowError):
 
 class InputError(StarFlowError):
     """An input file (image, prompt list, data folder) is missing or unreadable."""
+
+
+def listing(names: list[str], limit: int = 10) -> str:
+    """A bounded, readable list of names for a one-line error message."""
+    if not names:
+        return "none"
+    return "[" + ", ".join(names[:limit]) + (f", … {len(names)} in all" if len(names) > limit else "") + "]"

@@ -92,7 +92,7 @@ def invert_jacobi(
     while start < count:
         size = min(block_size, count - start)
         changes: list[float] = []
-        for i in range(max_iter):
+        for _ in range(max_iter):
             a, b, cache.keys, cache.values = step(iterate[:, start : start + size], _position(prefix + start), cache.keys, cache.values)
             mu, sigma = _gaussian(a, b, guidance, use_softplus)
             new = colour(z[:, start : start + size], mu, sigma)
@@ -101,7 +101,7 @@ def invert_jacobi(
             mx.eval(iterate, change, cache.state)
             passes += 1
             changes.append(change.item())
-            if changes[-1] < threshold or i == max_iter - 1:
+            if changes[-1] < threshold:
                 break
         start += size
         yield BlockProgress(tokens_done=start, passes=passes, chunk=JacobiChunk(start - size, size, tuple(changes)))

@@ -23,7 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import read_json_object
-from .errors import ConfigError, ModelNotFound, WeightsError
+from .errors import ConfigError, ModelNotFound, WeightsError, listing
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -122,7 +122,10 @@ def read_manifest(folder: str | Path, verify_hashes: bool = False) -> dict:
             f"{folder} was written by an incompatible converter (format {manifest.get('format')!r} "
             f"version {manifest.get('format_version')!r}); convert it again with this version"
         )
-    for name, info in manifest.get("files", {}).items():
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(i, dict) and "bytes" in i and "sha256" in i for i in files.values()):
+        raise ConfigError(f"{path} is malformed (its files list); convert the model again")
+    for name, info in files.items():
         file = folder / name
         if not file.is_file():
             raise ConfigError(f"{folder} is incomplete: {name} is missing; convert it again")
@@ -143,19 +146,18 @@ def load_weights(module: nn.Module, folder: str | Path) -> None:
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise WeightsError(f"{folder} has no {WEIGHTS_FILE}; convert the model again")
-    weights = mx.load(str(path))
+    try:
+        weights = mx.load(str(path))
+    except (RuntimeError, ValueError) as e:
+        raise WeightsError(f"{path} is damaged ({e}); convert the model again") from None
     expected = dict(tree_flatten(module.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
-        raise WeightsError(f"{path}: weights do not match the config: missing {_short(missing)}, unexpected {_short(unexpected)}")
+        raise WeightsError(f"{path}: weights do not match the config: missing {listing(missing)}, unexpected {listing(unexpected)}")
     for name, value in weights.items():
         if value.shape != expected[name].shape:
             raise WeightsError(f"{path}: {name} has shape {list(value.shape)}, the config implies {list(expected[name].shape)}")
     module.load_weights(list(weights.items()), strict=True)
     mx.eval(module.parameters())
 
-
-def _short(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit]) or "none"
-    return shown + (f" … ({len(names)} in all)" if len(names) > limit else "")

@@ -37,9 +37,10 @@ from .config import FlowConfig, LabelConfig
 from .dataset import ImageData, batch_indices, heldout_split
 from .errors import ConfigError, InputError, StarFlowError
 from .flow import StarFlow, load_flow
-from .image import decoded_to_uint8, make_grid, uint8_to_model_input
+from .image import decoded_to_uint8, make_grid, save_png, uint8_to_model_input
 from .labels import LabelEncoder, UnknownLabel, load_label_encoder
 from .model_io import read_manifest, sha256_file
+from .pipeline import seeded_noise
 from .run_folder import MODEL_FOLDER, OPTIMIZER_FOLDER, SAMPLES_FOLDER, check_resumable, read_run_state, restore_optimizer, save_checkpoint
 from .sampling import bits_per_dim, nll_per_sample
 from .text_encoder import TextEncoder, load_text_encoder
@@ -341,20 +342,11 @@ def sample_images(base: BaseModel, model: StarFlow, conditions: mx.array, empty:
     """uint8 (B, 3, H, W) samples for condition rows (B, T, D), the score-step denoised as the
     official sampler does; noise of image i is RandomState(seed + i), the project's convention."""
     c = model.config
-    side = c.latent_size
-    noise = np.concatenate([np.random.RandomState(seed + i).standard_normal((1, c.in_channels, side, side)) for i in range(conditions.shape[0])])
+    noise = seeded_noise([seed + i for i in range(conditions.shape[0])], c.in_channels, c.latent_size, c.latent_size)
     y = mx.concatenate([conditions, mx.broadcast_to(empty, conditions.shape)]) if guidance > 0 else conditions
-    out = model.sample(mx.array(noise.astype(np.float32)), y, guidance=guidance)
+    out = model.sample(noise, y, guidance=guidance)
     out = model.denoise(out, conditions)
     return decoded_to_uint8(out if base.vae is None else base.vae.decode(out))
-
-
-def write_png(path: Path, image: np.ndarray) -> None:
-    """Write a uint8 (3, H, W) image through a temporary file, so no half-written PNG remains."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image.transpose(1, 2, 0)).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 # ---- provenance ---------------------------------------------------------------------------------------
@@ -461,7 +453,9 @@ def train(
     def samples(step: int) -> Path:
         path = out / SAMPLES_FOLDER / f"step-{step:06d}.png"
         tiles = sample_images(base, model, prompts, space.table[-1:], settings.seed, settings.sample_guidance)
-        write_png(path, make_grid(list(tiles), columns=min(len(tiles), 8)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid = make_grid(list(tiles), columns=min(len(tiles), 8))
+        save_png(Image.fromarray(grid.transpose(1, 2, 0)), path, {"step": str(step)}, overwrite=True)
         return path
 
     started = time.perf_counter()

@@ -211,3 +211,25 @@ def test_loading_detects_half_written_and_stale_folders(sf, tmp_path, capsys):
     (out / "flow" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError):
         load_flow(out)
+
+
+def test_compressed_pickle_is_refused_before_it_is_inflated(sf, tmp_path, capsys):
+    """A deflated data.pkl could inflate to gigabytes (a zip bomb); torch never writes one."""
+    with zipfile.ZipFile(tmp_path / "bomb.pth", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("bomb/data.pkl", b"\x80\x02}q\x00." + b"\0" * (8 << 20))
+    out = tmp_path / "m"
+    code, err = run_cli(capsys, "convert", tmp_path / "bomb.pth", "--config", sf / "config.yaml", "--out", out)
+    assert_clean_failure(code, err, out, "compressed")
+
+
+def test_damaged_weights_of_the_right_size_are_a_clear_error(sf, tmp_path, capsys):
+    from mlx_starflow.errors import WeightsError
+
+    out = tmp_path / "m"
+    assert run_cli(capsys, *convert_args(sf, "model.pth", out))[0] == 0
+    weights = out / "flow" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[:8] = (len(data) * 2).to_bytes(8, "little")
+    weights.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="damaged"):
+        load_flow(out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from mlx_starflow.errors import WeightsError
+from mlx_starflow.errors import WeightsError, listing
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
@@ -101,12 +101,7 @@ def map_names(official: Iterable[str], expected: Iterable[str]) -> dict[str, str
     missing = sorted(expected - set(mapping))
     if unknown or missing:
         raise WeightsError(
-            f"checkpoint does not match the config: unknown keys {_listing(unknown)}; missing keys {_listing(missing)}"
+            f"checkpoint does not match the config: unknown keys {listing(unknown)}; missing keys {listing(missing)}"
         )
     return mapping
 
-
-def _listing(keys: list[str], limit: int = 10) -> str:
-    if not keys:
-        return "none"
-    return "[" + ", ".join(keys[:limit]) + (f", … {len(keys)} in all" if len(keys) > limit else "") + "]"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TypeVar
 
-from mlx_starflow.errors import WeightsError
+from mlx_starflow.errors import WeightsError, listing
 
 T = TypeVar("T")
 
@@ -57,12 +57,8 @@ def map_t5_weights(checkpoint: Mapping[str, T], num_layers: int) -> dict[str, T]
     if unknown or missing:
         raise WeightsError(
             f"the checkpoint does not match a {num_layers}-layer T5 encoder: "
-            f"unknown keys {_listing(unknown)}; missing keys {_listing(missing)}; "
+            f"unknown keys {listing(unknown)}; missing keys {listing(missing)}; "
             "check that config.json belongs to these weights"
         )
     return {ours: checkpoint[official] for official, ours in names.items()}
 
-
-def _listing(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit]) or "none"
-    return shown + (f" … ({len(keys)} in all)" if len(keys) > limit else "")

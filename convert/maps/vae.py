@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mlx_starflow.errors import WeightsError
+from mlx_starflow.errors import WeightsError, listing
 
 OIHW_TO_OHWI = (0, 2, 3, 1)
 
@@ -174,9 +174,9 @@ def apply(
     missing = sorted(expected - set(mapped))
     if unused or missing or duplicated:
         problems = [
-            f"unknown keys {_listing(sorted(unused))}" if unused else "",
-            f"missing weights {_listing(missing)}" if missing else "",
-            f"the same weight given twice: {_listing(duplicated)}" if duplicated else "",
+            f"unknown keys {listing(sorted(unused))}" if unused else "",
+            f"missing weights {listing(missing)}" if missing else "",
+            f"the same weight given twice: {listing(duplicated)}" if duplicated else "",
         ]
         raise WeightsError(
             "VAE checkpoint does not match its config: " + "; ".join(p for p in problems if p)
@@ -184,7 +184,3 @@ def apply(
         )
     return mapped
 
-
-def _listing(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" … ({len(names)} in all)" if len(names) > limit else "")
