@@ -42,6 +42,20 @@ class SampleProgress:
     output: mx.array | None = None
 
 
+def patchify(x: mx.array, patch: int) -> mx.array:
+    """(B, C, H, W) → (B, H/p, W/p, p·p·C), packing (p1, p2, c) as the official rearrange."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // patch, patch, W // patch, patch).transpose(0, 2, 4, 3, 5, 1)
+    return x.reshape(B, H // patch, W // patch, patch * patch * C)
+
+
+def unpatchify(tokens: mx.array, patch: int, channels: int) -> mx.array:
+    """The inverse of `patchify`: (B, h, w, p·p·C) → (B, C, h·p, w·p)."""
+    B, h, w, _ = tokens.shape
+    x = tokens.reshape(B, h, w, patch, patch, channels).transpose(0, 5, 1, 3, 2, 4)
+    return x.reshape(B, channels, h * patch, w * patch)
+
+
 def _as_float32(x) -> mx.array:
     return x.astype(mx.float32) if isinstance(x, mx.array) else mx.array(np.asarray(x, dtype=np.float32))
 
@@ -59,17 +73,10 @@ class StarFlow(nn.Module):
     # ---- layout ---------------------------------------------------------------------------
 
     def patchify(self, x: mx.array) -> mx.array:
-        """(B, C, H, W) → (B, H/p, W/p, p·p·C), packing (p1, p2, c) as the official rearrange."""
-        B, C, H, W = x.shape
-        p = self.config.patch_size
-        x = x.reshape(B, C, H // p, p, W // p, p).transpose(0, 2, 4, 3, 5, 1)
-        return x.reshape(B, H // p, W // p, p * p * C)
+        return patchify(x, self.config.patch_size)
 
     def unpatchify(self, tokens: mx.array) -> mx.array:
-        B, h, w, _ = tokens.shape
-        p, C = self.config.patch_size, self.config.in_channels
-        x = tokens.reshape(B, h, w, p, p, C).transpose(0, 5, 1, 3, 2, 4)
-        return x.reshape(B, C, h * p, w * p)
+        return unpatchify(tokens, self.config.patch_size, self.config.in_channels)
 
     def _check_latent(self, x: mx.array, name: str) -> None:
         p, C = self.config.patch_size, self.config.in_channels

@@ -62,14 +62,9 @@ class Row:
 def tiny_fixture_model(fixtures: Path, work: Path) -> Path:
     """The fixture flow, T5 and VAE converted into one model folder."""
     from convert.model import convert_model
-    from convert.t5 import convert_t5
-    from convert.vae import convert_vae
 
-    folder = work / "tiny"
-    convert_model(fixtures / "starflow" / "model.pth", fixtures / "starflow" / "config.yaml", folder)
-    convert_t5(fixtures / "t5", folder / "text_encoder")
-    convert_vae(fixtures / "vae", folder / "vae")
-    return folder
+    return convert_model(fixtures / "starflow" / "model.pth", fixtures / "starflow" / "config.yaml", work / "tiny",
+                         text_encoder=fixtures / "t5", vae=fixtures / "vae")
 
 
 def find_model(fixtures: Path | None, work: Path) -> Path:
@@ -85,7 +80,7 @@ def prepare(model_dir: Path, export: Path, fixtures: Path | None) -> Check:
     """Export (unless `export` already holds one) and compute every stage's MLX reference."""
     from convert.coreml.export import export_coreml
     from convert.coreml.manifest import MANIFEST_FILE, read_manifest
-    from convert.coreml.pipeline import Jacobi, sample
+    from convert.coreml.pipeline import sample
     from mlx_starflow.flow import load_flow
 
     if not (export / MANIFEST_FILE).is_file():
@@ -110,9 +105,10 @@ def prepare(model_dir: Path, export: Path, fixtures: Path | None) -> Check:
     y = None if cond is None else mx.array(cond)
     sequential = np.array(flow.sample(mx.array(noise), y, guidance=GUIDANCE))
     jacobi = np.array(flow.sample(mx.array(noise), y, guidance=GUIDANCE, jacobi=True, jacobi_block_size=JACOBI_BLOCK))
-    check.stages.append(Stage("flow sequential", lambda b: sample(manifest, b.block, noise, cond, GUIDANCE)[0][-1], sequential,
-                              official.get("sequential"), ("block",)))
-    check.stages.append(Stage("flow jacobi", lambda b: sample(manifest, b.block, noise, cond, GUIDANCE, Jacobi(JACOBI_BLOCK))[0][-1],
+    check.stages.append(Stage("flow sequential", lambda b: sample(manifest, b.block, noise, cond, GUIDANCE)[0][-1],
+                              sequential, official.get("sequential"), ("block",)))
+    check.stages.append(Stage("flow jacobi", lambda b: sample(manifest, b.block, noise, cond, GUIDANCE, jacobi=True,
+                                                              jacobi_block_size=JACOBI_BLOCK)[0][-1],
                               jacobi, None, ("block",)))
     if manifest["score_step"]:
         before = official.get("denoise_in", sequential)

@@ -36,8 +36,8 @@ def refused(capsys, args: list[str], message: str, out: Path) -> None:
 
 def test_a_folder_that_is_not_a_converted_model(fixtures_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "export"
-    refused(capsys, ["export-coreml", str(fixtures_dir / "starflow"), "--out", str(out)], "is not a converted model folder", out)
-    refused(capsys, ["export-coreml", str(tmp_path / "nothing"), "--out", str(out)], "no model folder at", out)
+    refused(capsys, ["export-coreml", str(fixtures_dir / "starflow"), "--out", str(out)], "this is not a converted folder", out)
+    refused(capsys, ["export-coreml", str(tmp_path / "nothing"), "--out", str(out)], "no model at", out)
 
 
 def test_an_image_size_off_the_patch_grid(label_model: Path, tmp_path: Path, capsys) -> None:
@@ -57,7 +57,7 @@ def test_the_text_model_grid_is_the_vae_factor_times_the_patch(fixtures_dir: Pat
 def test_a_text_model_without_its_text_encoder(fixtures_dir: Path, tmp_path: Path, capsys) -> None:
     convert_model(fixtures_dir / "starflow" / "model.pth", fixtures_dir / "starflow" / "config.yaml", tmp_path / "model")
     out = tmp_path / "out" / "export"
-    refused(capsys, ["export-coreml", str(tmp_path / "model"), "--out", str(out)], "has no text_encoder/ component", out)
+    refused(capsys, ["export-coreml", str(tmp_path / "model"), "--out", str(out)], "has no text_encoder/ or labels/", out)
 
 
 @pytest.mark.parametrize("option,value,message", [
@@ -65,6 +65,7 @@ def test_a_text_model_without_its_text_encoder(fixtures_dir: Path, tmp_path: Pat
     ("--dtype", "bfloat16", "--dtype must be one of float16, float32"),
     ("--attention", "flash", "--attention must be one of original, split-einsum"),
     ("--target", "iOS17", "--target must be one of macOS15, iOS18"),
+    ("--batch-size", "0", "--batch-size must be at least 1, not 0"),
 ])
 def test_an_unsupported_option(label_model: Path, tmp_path: Path, capsys, option: str, value: str, message: str) -> None:
     out = tmp_path / "export"

@@ -1,8 +1,9 @@
 """Core ML export of the tiny fixture models, evaluated with the NumPy MIL evaluator.
 
 Core ML cannot predict on Linux, so every package is re-read from disk as a MIL program and run
-by `convert.coreml.mil_eval`; the exported functions are driven by `convert.coreml.pipeline`,
-the Python twin of the Swift sampler. Two exports of the tiny text model are checked:
+by `convert.coreml.mil_eval`; the exported functions are driven by the MLX runtime's own
+inversion loops through `convert.coreml.pipeline`, with the padding the Swift sampler uses. Two
+exports of the tiny text model are checked:
 
 * float32 with the KV caches as inputs/outputs (Core ML states are float16 only), held to the
   fixture READMEs' float32 tolerances (max-abs): text states 1e-5 (fixtures/t5 §5), every sampled
@@ -32,7 +33,7 @@ from app.cli import main as cli_main
 from convert.coreml.backends import CoreMLBackend, EvaluatorBackend
 from convert.coreml.coremltools_api import CoreMLUnavailable, ct
 from convert.coreml.export import export_coreml
-from convert.coreml.pipeline import Jacobi, sample
+from convert.coreml.pipeline import sample
 from convert.model import convert_model
 from mlx_starflow import load_flow
 from mlx_starflow.vae import load_vae
@@ -78,8 +79,13 @@ def model(check_script, fixtures_dir: Path, tmp_path_factory) -> Path:
 def exact(model: Path, tmp_path_factory) -> EvaluatorBackend:
     """float32, caches as inputs/outputs, 2 images per call (the fixtures' batch), Jacobi chunks 4, 16 and 12."""
     out = tmp_path_factory.mktemp("exact") / "export"
-    export_coreml(model, out, dtype="float32", kv_cache="io", batch=2, jacobi_block_sizes=(4, 16, 12))
+    export_coreml(model, out, dtype="float32", kv_cache="io", batch_size=2, jacobi_block_sizes=(4, 16, 12))
     return EvaluatorBackend(out)
+
+
+@pytest.fixture(scope="module")
+def flow(model: Path):
+    return load_flow(model)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +97,18 @@ def shipped(model: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def label(sf: Path, tmp_path_factory) -> EvaluatorBackend:
+def label_model(sf: Path, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("label") / "model"
+    convert_model(sf / "label_model" / "model.pth", sf / "label_model" / "config.yaml", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def label(label_model: Path) -> EvaluatorBackend:
     """The pixel-space label model; its score step is the text model's program, checked above."""
-    root = tmp_path_factory.mktemp("label")
-    convert_model(sf / "label_model" / "model.pth", sf / "label_model" / "config.yaml", root / "model")
-    export_coreml(root / "model", root / "export", dtype="float32", kv_cache="io", batch=2, score_step=False)
-    return EvaluatorBackend(root / "export")
+    out = label_model.parent / "export"
+    export_coreml(label_model, out, dtype="float32", kv_cache="io", batch_size=2, score_step=False)
+    return EvaluatorBackend(out)
 
 
 # ---- the contract and the metadata ----------------------------------------------------------------
@@ -172,9 +184,10 @@ def test_text_encoder_matches_official(exact: EvaluatorBackend, fixtures_dir: Pa
 
 
 @pytest.mark.parametrize("key,guidance", [("g0", 0.0), ("g2p5", 2.5)])
-def test_sequential_sampling_matches_every_block(exact: EvaluatorBackend, sf: Path, key: str, guidance: float) -> None:
+def test_sequential_sampling_matches_every_block(exact: EvaluatorBackend, flow, sf: Path, key: str, guidance: float) -> None:
+    """Without guidance the deep block runs the conditional rows only, padded to the exported 2B rows."""
     inputs, ref = load(sf / "inputs.safetensors"), load(sf / "sample.safetensors")
-    seq, _ = sample(exact.manifest, exact.block, inputs["noise"], inputs["y_cfg"] if guidance else np.concatenate([inputs["y"], inputs["y_uncond"]]), guidance)
+    seq, _ = sample(exact.manifest, exact.block, inputs["noise"], inputs["y_cfg"] if guidance else inputs["y"], guidance)
     for i in range(7):
         assert max_abs(seq[i], ref[f"{key}.seq.{i}"]) < SAMPLE_TOL, f"{key}.seq.{i}"
 
@@ -184,26 +197,28 @@ def official_iterations(sf: Path, run: str) -> list[int]:
 
 
 @pytest.mark.parametrize("bs,key,guidance", [(16, "g2p5", 2.5), (4, "g0", 0.0)])
-def test_jacobi_sampling_and_iteration_counts(exact: EvaluatorBackend, sf: Path, bs: int, key: str, guidance: float) -> None:
+def test_jacobi_sampling_and_iteration_counts(exact: EvaluatorBackend, flow, sf: Path, bs: int, key: str, guidance: float) -> None:
     inputs, ref = load(sf / "inputs.safetensors"), load(sf / "jacobi.safetensors")
-    text = inputs["y_cfg"] if guidance else np.concatenate([inputs["y"], inputs["y_uncond"]])
-    seq, counts = sample(exact.manifest, exact.block, inputs["noise"], text, guidance, Jacobi(bs))
+    text = inputs["y_cfg"] if guidance else inputs["y"]
+    seq, counts = sample(exact.manifest, exact.block, inputs["noise"], text, guidance, jacobi=True, jacobi_block_size=bs)
     assert [n for block in counts for n in block] == official_iterations(sf, f"bs{bs}.{key}")
     for i in range(7):
         assert max_abs(seq[i], ref[f"bs{bs}.{key}.seq.{i}"]) < SAMPLE_TOL, f"bs{bs}.{key}.seq.{i}"
 
 
-def test_padded_short_last_jacobi_chunk_matches_mlx(exact: EvaluatorBackend, model: Path, sf: Path) -> None:
-    """Chunk 12 over 64 tokens ends with 4 tokens padded to 12: same iterations and sample as MLX's unpadded chunk."""
+def test_padded_short_last_jacobi_chunk_matches_mlx(exact: EvaluatorBackend, flow, sf: Path) -> None:
+    """Chunk 12 over 64 tokens ends with 4 tokens padded to 12 (though the export has a step_4): same
+    iterations and sample as MLX's unpadded chunk."""
     inputs = load(sf / "inputs.safetensors")
-    flow = load_flow(model)
     counts_mlx, sample_mlx = [], None
     for p in flow.iter_sample(mx.array(inputs["noise"]), mx.array(inputs["y_cfg"]), guidance=2.5, jacobi=True, jacobi_block_size=12):
         if p.chunk is not None:
             counts_mlx.append((p.chunk.size, p.chunk.iterations))
         if p.output is not None:
             sample_mlx = np.array(p.output)
-    seq, counts = sample(exact.manifest, exact.block, inputs["noise"], inputs["y_cfg"], 2.5, Jacobi(12))
+    exact.per_call_seconds.clear()
+    seq, counts = sample(exact.manifest, exact.block, inputs["noise"], inputs["y_cfg"], 2.5, jacobi=True, jacobi_block_size=12)
+    assert not any(label.endswith("step_4") for label in exact.per_call_seconds)
     assert [size for size, _ in counts_mlx][-1] == 4
     assert [n for block in counts for n in block] == [n for _, n in counts_mlx]
     assert max_abs(seq[-1], sample_mlx) < SAMPLE_TOL
@@ -248,7 +263,7 @@ def test_vae_decoder_matches_mlx(exact: EvaluatorBackend, model: Path, sf: Path)
     assert max_abs(exact.decode(latent), expected) < VAE_TOL
 
 
-def test_label_model_pixel_space(label: EvaluatorBackend, sf: Path) -> None:
+def test_label_model_pixel_space(label: EvaluatorBackend, label_model: Path, sf: Path) -> None:
     backend = label
     ref = load(sf / "label_model" / "fixtures.safetensors")
     manifest = backend.manifest

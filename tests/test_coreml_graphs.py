@@ -177,7 +177,7 @@ def test_ios_export_splits_the_deep_block_under_the_limit(fixtures_dir: Path, tm
     sf = fixtures_dir / "starflow"
     convert_model(sf / "label_model" / "model.pth", sf / "label_model" / "config.yaml", tmp_path / "model")
     limit = 1.5 * 4 * 12 * 128 * 128
-    export_coreml(tmp_path / "model", tmp_path / "export", dtype="float32", target="iOS18", kv_cache="io", batch=2, max_package_bytes=limit)
+    export_coreml(tmp_path / "model", tmp_path / "export", dtype="float32", target="iOS18", kv_cache="io", batch_size=2, max_package_bytes=limit)
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     deep = manifest["flow"]["blocks"][2]
     assert deep["packages"] == ["FlowBlock2_0.mlpackage", "FlowBlock2_1.mlpackage"] and deep["layers"] == [[0], [1]]

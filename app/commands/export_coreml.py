@@ -20,7 +20,7 @@ def export_coreml(
     width: Optional[int] = typer.Option(None, "--width", help="Image width in pixels (default: the training size)."),
     height: Optional[int] = typer.Option(None, "--height", help="Image height in pixels (default: the training size)."),
     jacobi_block_size: list[int] = typer.Option([16], "--jacobi-block-size", help="Jacobi chunk size to export a step function for (repeatable)."),
-    batch: int = typer.Option(1, "--batch", help="Images per flow-block call."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", help="Images per flow-block call."),
     score_step: bool = typer.Option(True, "--score-step/--no-score-step", help="Export the score-step denoise program."),
     vae_encoder: bool = typer.Option(False, "--vae-encoder", help="Also export the VAE encoder (image → latent)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
@@ -30,6 +30,6 @@ def export_coreml(
 
     with tensor_progress("exporting Core ML packages") as progress:
         folder = export(model, out, dtype=dtype, compress=compress, attention=attention, target=target, width=width,
-                        height=height, jacobi_block_sizes=tuple(jacobi_block_size), batch=batch, score_step=score_step,
+                        height=height, jacobi_block_sizes=tuple(jacobi_block_size), batch_size=batch_size, score_step=score_step,
                         vae_encoder=vae_encoder, force=force, progress=progress)
     typer.echo(f"wrote {folder}")

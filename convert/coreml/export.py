@@ -15,13 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlx_starflow.config import FlowConfig, LabelConfig, VAEConfig
-from mlx_starflow.errors import ConfigError, ModelNotFound
-from mlx_starflow.flow import StarFlow, load_flow
+from mlx_starflow.config import FlowConfig, VAEConfig
+from mlx_starflow.errors import ConfigError
+from mlx_starflow.flow import StarFlow
+from mlx_starflow.labels import LabelEncoder
 from mlx_starflow.model_io import atomic_folder
 from mlx_starflow.model_io import read_manifest as read_model_manifest
-from mlx_starflow.text_encoder import TOKENIZER_FILE, TextEncoder, load_text_encoder
-from mlx_starflow.vae import VAE, load_vae
+from mlx_starflow.pipeline import StarFlowPipeline
+from mlx_starflow.pipeline import load as load_model
+from mlx_starflow.text_encoder import TOKENIZER_FILE, TextEncoder
+from mlx_starflow.vae import VAE
 
 from .builder import PRECISIONS
 from .compress import COMPRESSIONS
@@ -64,7 +67,7 @@ class ExportOptions:
     height: int | None = None
     width: int | None = None
     jacobi_block_sizes: tuple[int, ...] = (16,)
-    batch: int = 1
+    batch_size: int = 1
     score_step: bool = True
     vae_encoder: bool = False
     kv_cache: str = "state"
@@ -81,8 +84,8 @@ class ExportOptions:
             raise ConfigError(f"--compress must be one of {', '.join(COMPRESSIONS)} (or omitted), not {self.compress!r}")
         if not self.jacobi_block_sizes or min(self.jacobi_block_sizes) < 1:
             raise ConfigError(f"--jacobi-block-size must be at least 1, not {list(self.jacobi_block_sizes)}")
-        if self.batch < 1:
-            raise ConfigError(f"--batch must be at least 1, not {self.batch}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, not {self.batch_size}")
         for name, value in (("height", self.height), ("width", self.width)):
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be positive, not {value}")
@@ -94,63 +97,47 @@ class ExportOptions:
         return IOS_PACKAGE_LIMIT if self.target.startswith("iOS") else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelParts:
-    """The converted components an export reads."""
+    """A model folder loaded and checked by `mlx_starflow.load`, and the checkpoint it came from."""
 
     folder: Path
-    flow: StarFlow
-    text_encoder: TextEncoder | None
-    labels: LabelConfig | None
-    vae: VAE | None
+    model: StarFlowPipeline
     source_sha256: str
 
     @property
+    def flow(self) -> StarFlow:
+        return self.model.flow
+
+    @property
     def config(self) -> FlowConfig:
-        return self.flow.config
+        return self.model.config
+
+    @property
+    def text_encoder(self) -> TextEncoder | None:
+        return self.model.condition if isinstance(self.model.condition, TextEncoder) else None
+
+    @property
+    def labels(self) -> LabelEncoder | None:
+        return self.model.condition if isinstance(self.model.condition, LabelEncoder) else None
+
+    @property
+    def vae(self) -> VAE | None:
+        return self.model.vae
 
 
-def model_folder(model_dir: str | Path) -> Path:
-    """A converted model folder (its `flow/` and finished manifest), or an error naming the fix."""
+def load_parts(model_dir: str | Path) -> ModelParts:
+    """The model folder through `mlx_starflow.load`, the one place that checks its components fit."""
     folder = Path(model_dir)
-    if not folder.exists():
-        raise ModelNotFound(f"no model folder at {folder}; convert a checkpoint with `starflow convert` first")
-    if not (folder / "flow").is_dir():
-        raise ConfigError(f"{folder} is not a converted model folder (it has no flow/ component); convert one with `starflow convert`")
-    read_model_manifest(folder)
-    return folder
-
-
-def load_parts(folder: Path) -> ModelParts:
-    """Open the components of a model folder (flow + text encoder or labels + VAE), saying what is missing."""
+    model = load_model(folder)
     sources = read_model_manifest(folder).get("sources") or [{}]
-    flow = load_flow(folder)
-    config = flow.config
-    text_encoder = labels = vae = None
-    if (folder / "labels").is_dir():
-        read_model_manifest(folder / "labels")
-        labels = LabelConfig.load(folder / "labels")
-    elif flow.blocks[-1].has_text:
-        if not (folder / "text_encoder").is_dir():
-            raise ConfigError(f"{folder} has no text_encoder/ component; convert google/flan-t5-xl into {folder / 'text_encoder'} first")
-        text_encoder = load_text_encoder(folder / "text_encoder")
-        if text_encoder.encoder.config.d_model != config.txt_dim:
-            raise ConfigError(f"{folder}: the text encoder's width {text_encoder.encoder.config.d_model} differs from the flow's txt_dim {config.txt_dim}")
-    if config.vae_factor > 1:
-        if not (folder / "vae").is_dir():
-            raise ConfigError(f"{folder} has no vae/ component; convert stabilityai/sd-vae-ft-ema into {folder / 'vae'} first")
-        vae = load_vae(folder / "vae")
-        if vae.config.downsample_factor != config.vae_factor or vae.config.latent_channels != config.in_channels:
-            raise ConfigError(f"{folder}: the VAE (factor {vae.config.downsample_factor}, {vae.config.latent_channels} channels) "
-                              f"does not match the flow (factor {config.vae_factor}, {config.in_channels} channels)")
-    return ModelParts(folder, flow, text_encoder, labels, vae, sources[0].get("sha256", "unknown"))
+    return ModelParts(folder, model, sources[0].get("sha256", "unknown"))
 
 
 def image_size(config: FlowConfig, options: ExportOptions) -> tuple[int, int]:
     """(height, width) in pixels: the training size unless given; divisible by the VAE factor × patch."""
-    default = config.latent_size * config.vae_factor
-    height, width = options.height or default, options.width or default
-    unit = config.vae_factor * config.patch_size
+    height, width = options.height or config.image_side, options.width or config.image_side
+    unit = config.size_multiple
     if height % unit or width % unit:
         raise ConfigError(
             f"image size {width}x{height} is not divisible by {unit} (VAE factor {config.vae_factor} × patch size "
@@ -169,7 +156,7 @@ def export_coreml(
     width: int | None = None,
     height: int | None = None,
     jacobi_block_sizes: tuple[int, ...] = (16,),
-    batch: int = 1,
+    batch_size: int = 1,
     score_step: bool = True,
     vae_encoder: bool = False,
     force: bool = False,
@@ -180,20 +167,19 @@ def export_coreml(
     """Export a converted model folder to Core ML packages in `out` (see the module docstring).
 
     `jacobi_block_sizes` adds a step function per Jacobi chunk size (next to the 1-token step);
-    `batch` is the number of images per flow-block call (rows: batch, or 2·batch in the guided
-    deep block). `kv_cache="io"` (caches as inputs/outputs instead of float16 state) and
+    `batch_size` is the number of images per flow-block call (rows: batch_size, or twice that
+    in the guided deep block). `kv_cache="io"` (caches as inputs/outputs instead of float16 state) and
     `max_package_bytes` exist for numerical checks and tests; the defaults are what the Swift
     package runs.
     """
-    options = ExportOptions(dtype, compress, attention, target, height, width, tuple(jacobi_block_sizes), batch,
+    options = ExportOptions(dtype, compress, attention, target, height, width, tuple(jacobi_block_sizes), batch_size,
                             score_step, vae_encoder, kv_cache, max_package_bytes)
     options.check()
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    folder = model_folder(model_dir)
-    height_px, width_px = image_size(FlowConfig.load(folder / "flow"), options)
-    parts = load_parts(folder)
+    parts = load_parts(model_dir)
+    height_px, width_px = image_size(parts.config, options)
     exporter = _Exporter(parts, options, height_px, width_px, progress)
     with atomic_folder(out, force=force) as tmp:
         exporter.write(tmp)
@@ -237,7 +223,7 @@ class _Exporter:
         chunks = tuple(sorted({1, *(min(size, tokens) for size in self.options.jacobi_block_sizes)}))
         per_layer, outside = weight_bytes(self.config, self.options.dtype, self.options.compress)
         groups = group_layers(self.config.layers_per_block[index], per_layer, outside, self.options.package_limit)
-        rows = self.options.batch * (2 if block.has_text else 1)
+        rows = self.options.batch_size * (2 if block.has_text else 1)
         return BlockPlan(index, block.flipped, block.has_text, rows, self.grid,
                          self.text_length if block.has_text else 0, chunks, groups)
 
@@ -246,7 +232,7 @@ class _Exporter:
             "model": {"name": self.parts.folder.name, "source_sha256": self.parts.source_sha256, "license": LICENSE},
             "precision": self.options.dtype, "compression": self.options.compress,
             "attention": self.options.attention, "target": self.options.target, "kv_cache": self.options.kv_cache,
-            "batch": self.options.batch,
+            "batch": self.options.batch_size,
             "image": {"height": self.height, "width": self.width, "channels": self._image_channels()},
             "latent": {"channels": self.config.in_channels, "height": self.latent[0], "width": self.latent[1],
                        "patch_size": self.config.patch_size},

@@ -1,20 +1,24 @@
-"""The manifest's sampling semantics in NumPy, over any backend that runs the exported functions.
+"""Sampling an export folder with the MLX runtime's own inversion loops.
 
-This is the Python twin of the Swift `FlowSampler`: block order, SOS, positions, guidance,
-sequential and Jacobi inversion (a short last chunk padded to the exported chunk size), the
-score step and the decode, all as the contract describes, with the sampler arithmetic in
-float32. Tests drive it over the MIL evaluator; the Mac check script over Core ML.
+The exported block functions have fixed shapes (rows, chunk) while the loops in
+`mlx_starflow.inversion` call a block's step with whatever rows and chunk they hold. `ExportedStep`
+bridges the two, as the contract says the Swift package does: it zero-pads the rows and the
+tokens of a call to the exported shape and drops the padded outputs. The block order, token
+orders, SOS vectors, text lengths and the token layout come from the manifest alone. Tests drive
+it over the MIL evaluator; the Mac check script over Core ML.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
+import mlx.core as mx
 import numpy as np
 
-INV_SOFTPLUS_1 = np.float32(0.541324854612918)
+from mlx_starflow.flow import patchify, unpatchify
+from mlx_starflow.inversion import BlockProgress, invert_jacobi, invert_sequential
+from mlx_starflow.kv_cache import KVCache
 
 
 class FlowBlockRunner(Protocol):
@@ -27,122 +31,89 @@ class FlowBlockRunner(Protocol):
     def step(self, tokens: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-@dataclass(frozen=True)
-class Jacobi:
-    block_size: int = 16
-    threshold: float = 1e-3
-    max_iter: int = 32
+def _pad(values: np.ndarray, rows: int, length: int) -> np.ndarray:
+    """Zeros around `values` up to (rows, length, …): rows never mix in a block and a padded
+    token only follows the real ones, so the real outputs are unchanged."""
+    if values.shape[0] > rows:
+        raise ValueError(f"the export runs {rows} rows per call, got {values.shape[0]}; export with a larger --batch-size")
+    padded = np.zeros((rows, length, *values.shape[2:]), np.float32)
+    padded[: values.shape[0], : values.shape[1]] = values
+    return padded
 
 
-def patchify(latent: np.ndarray, patch: int) -> np.ndarray:
-    """(B, C, H, W) → (B, N, p·p·C) in raster order, packing c (h p1) (w p2) → h w (p1 p2 c)."""
-    b, c, height, width = latent.shape
-    h, w = height // patch, width // patch
-    x = latent.reshape(b, c, h, patch, w, patch).transpose(0, 2, 4, 3, 5, 1)
-    return x.reshape(b, h * w, patch * patch * c)
+class ExportedStep:
+    """An exported block as the MLX loops' `step`; the KV cache is the runner's state, so the
+    loops get an empty `KVCache([], [])` and the keys and values pass through untouched."""
+
+    def __init__(self, runner: FlowBlockRunner, entry: dict[str, Any], chunk: int):
+        if str(chunk) not in entry["functions"]["step"]:
+            exported = sorted(entry["functions"]["step"], key=int)
+            raise ValueError(f"block {entry['index']} has no step function for chunks of {chunk}; this export has {exported}")
+        self.runner, self.rows, self.chunk = runner, entry["rows"], chunk
+
+    def prefill(self, text: np.ndarray) -> None:
+        self.runner.prefill(_pad(np.asarray(text, np.float32), self.rows, text.shape[1]))
+
+    def __call__(self, inputs: mx.array, position: mx.array, keys: list, values: list) -> tuple[mx.array, mx.array, list, list]:
+        rows, count = inputs.shape[:2]
+        a, b = self.runner.step(_pad(np.array(inputs), self.rows, self.chunk), int(position.item()))
+        return mx.array(a[:rows, :count]), mx.array(b[:rows, :count]), keys, values
 
 
-def unpatchify(tokens: np.ndarray, channels: int, patch: int, h: int, w: int) -> np.ndarray:
-    b = tokens.shape[0]
-    x = tokens.reshape(b, h, w, patch, patch, channels).transpose(0, 5, 1, 3, 2, 4)
-    return x.reshape(b, channels, h * patch, w * patch)
-
-
-def gaussian(a: np.ndarray, b: np.ndarray, guidance: float, guided: bool, use_softplus: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of each token; for a guided block (rows = [conditional; unconditional]) the
-    clipped product p_c^(1+w)/p_u^w, written to both halves."""
-    a, b = a.astype(np.float32), b.astype(np.float32)
-    sigma = np.logaddexp(np.float32(0), a + INV_SOFTPLUS_1).astype(np.float32) if use_softplus else np.exp(a)
-    if not guided:
-        return b, sigma
-    w = np.float32(guidance)
-    sigma_c, sigma_u = np.split(sigma, 2)
-    b_c, b_u = np.split(b, 2)
-    s = np.square(np.minimum(sigma_c / sigma_u, np.float32(1)))
-    d = np.float32(1) + w - w * s
-    sigma_g, mu_g = sigma_c / np.sqrt(d), ((np.float32(1) + w) * b_c - w * s * b_u) / d
-    return np.concatenate([mu_g, mu_g]), np.concatenate([sigma_g, sigma_g])
-
-
-def invert_sequential(block: FlowBlockRunner, sos: np.ndarray, z: np.ndarray, start: int, guidance: float, guided: bool,
-                      use_softplus: bool) -> np.ndarray:
-    """Token by token: step(previous token) at position start + t; x_t = z_t·sigma + mu."""
-    rows, count, channels = z.shape
-    previous = np.broadcast_to(sos, (rows, 1, channels)).astype(np.float32)
-    out = np.empty_like(z)
-    for t in range(count):
-        a, b = block.step(previous, start + t)
-        mu, sigma = gaussian(a, b, guidance, guided, use_softplus)
-        out[:, t : t + 1] = z[:, t : t + 1] * sigma + mu
-        previous = out[:, t : t + 1]
-    return out
-
-
-def invert_jacobi(block: FlowBlockRunner, sos: np.ndarray, z: np.ndarray, start: int, guidance: float, guided: bool,
-                  use_softplus: bool, jacobi: Jacobi, chunk: int) -> tuple[np.ndarray, list[int]]:
-    """Block-wise Jacobi from the noise itself; returns the tokens and each chunk's iteration count.
-
-    Every pass runs the exported `chunk`-token function: a shorter last chunk is padded with
-    zeros, whose keys land in spare cache slots, and its padded outputs are dropped.
-    """
-    rows, count, channels = z.shape
-    iterate = np.concatenate([np.broadcast_to(sos, (rows, 1, channels)), z], axis=1).astype(np.float32)
+def _drain(loop: Generator[BlockProgress, None, mx.array]) -> tuple[mx.array, list[int]]:
+    """Run an inversion loop to its end: the block's tokens and each Jacobi chunk's iterations."""
     iterations = []
-    first = 0
-    while first < count:
-        size = min(jacobi.block_size, count - first)
-        passes = 0
-        for i in range(jacobi.max_iter):
-            inputs = np.zeros((rows, chunk, channels), np.float32)
-            inputs[:, :size] = iterate[:, first : first + size]
-            a, b = block.step(inputs, start + first)
-            mu, sigma = gaussian(a[:, :size], b[:, :size], guidance, guided, use_softplus)
-            new = z[:, first : first + size] * sigma + mu
-            old = iterate[:, first + 1 : first + 1 + size]
-            change = np.mean(np.square(new - old)) / np.mean(np.square(new))
-            iterate[:, first + 1 : first + 1 + size] = new
-            passes += 1
-            if change < jacobi.threshold or i == jacobi.max_iter - 1:
-                break
-        iterations.append(passes)
-        first += size
-    return iterate[:, 1:], iterations
+    while True:
+        try:
+            progress = next(loop)
+        except StopIteration as finished:
+            return finished.value, iterations
+        if progress.chunk is not None:
+            iterations.append(progress.chunk.iterations)
 
 
-def sample(manifest: dict[str, Any], blocks: Callable[[int], FlowBlockRunner], noise: np.ndarray, text: np.ndarray | None,
-           guidance: float = 0.0, jacobi: Jacobi | None = None) -> tuple[list[np.ndarray], list[list[int]]]:
-    """Noise (B, C, H, W) → [noise, after each block…] (NCHW) and the Jacobi iteration counts.
+def sample(
+    manifest: dict[str, Any],
+    blocks: Callable[[int], FlowBlockRunner],
+    noise: np.ndarray,
+    y: np.ndarray | None,
+    guidance: float = 0.0,
+    jacobi: bool = False,
+    jacobi_block_size: int = 16,
+    jacobi_threshold: float = 1e-3,
+    jacobi_max_iter: int = 32,
+) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Noise (B, C, H, W) → [noise, after each block…] (NCHW) and each block's Jacobi iteration counts.
 
-    `text`: the conditional rows then the unconditional rows (2B, T, D) for a conditioned flow.
+    As `StarFlow.sample`, with the same parameters: `y` holds the conditional rows, then with
+    guidance the unconditional rows (2B).
     """
-    latent = manifest["latent"]
-    p, channels = latent["patch_size"], latent["channels"]
-    h, w = latent["height"] // p, latent["width"] // p
+    noise = np.asarray(noise, np.float32)
     batch = noise.shape[0]
-    tokens = patchify(noise.astype(np.float32), p)
-    sequence, counts = [noise.astype(np.float32)], []
+    patch = manifest["latent"]["patch_size"]
+    patched = patchify(mx.array(noise), patch)
+    _, h, w, channels = patched.shape
+    tokens = patched.reshape(batch, h * w, channels)
+    sequence, counts = [noise], []
     for entry in sorted(manifest["flow"]["blocks"], key=lambda e: -e["index"]):
-        block = blocks(entry["index"])
-        block.reset()
+        runner = blocks(entry["index"])
+        runner.reset()
+        step = ExportedStep(runner, entry, min(jacobi_block_size, entry["tokens"]) if jacobi else 1)
+        weight = guidance if entry["has_text"] else 0.0
         z = tokens[:, ::-1] if entry["flipped"] else tokens
-        guided = entry["has_text"]
-        if guided:
-            z = np.concatenate([z, z])
-            block.prefill(text)
-        if z.shape[0] != entry["rows"]:
-            raise ValueError(f"block {entry['index']} was exported for {entry['rows']} rows, got {z.shape[0]}")
-        sos = np.asarray(entry["sos"], np.float32)
-        start = entry["text_length"]
-        use_softplus = manifest["flow"]["use_softplus"]
-        if jacobi is None:
-            x = invert_sequential(block, sos, z, start, guidance, guided, use_softplus)
+        if weight > 0:
+            z = mx.concatenate([z, z], axis=0)
+        if entry["has_text"]:
+            step.prefill(y)
+        sos = mx.array(np.asarray(entry["sos"], np.float32))
+        cache, prefix, use_softplus = KVCache([], []), entry["text_length"], manifest["flow"]["use_softplus"]
+        if jacobi:
+            loop = invert_jacobi(sos, z, step, cache, prefix, weight, use_softplus, jacobi_block_size, jacobi_threshold, jacobi_max_iter)
         else:
-            chunk = min(jacobi.block_size, entry["tokens"])
-            if str(chunk) not in entry["functions"]["step"]:
-                raise ValueError(f"no step function for Jacobi block size {jacobi.block_size}; this export has {sorted(entry['functions']['step'], key=int)}")
-            x, iterations = invert_jacobi(block, sos, z, start, guidance, guided, use_softplus, jacobi, chunk)
+            loop = invert_sequential(sos, z, step, cache, prefix, weight, use_softplus)
+        x, iterations = _drain(loop)
+        if jacobi:
             counts.append(iterations)
-        x = x[:batch]
-        tokens = np.ascontiguousarray(x[:, ::-1] if entry["flipped"] else x)
-        sequence.append(unpatchify(tokens, channels, p, h, w))
+        tokens = x[:batch, ::-1] if entry["flipped"] else x[:batch]
+        sequence.append(np.array(unpatchify(tokens.reshape(batch, h, w, channels), patch, noise.shape[1])))
     return sequence, counts

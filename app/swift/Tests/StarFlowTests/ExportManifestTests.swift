@@ -181,7 +181,7 @@ struct ExportManifestTests {
         #expect(Self.loadError(io).contains("kv_cache is io"))
         var batched = Self.textManifest()
         batched["batch"] = 2
-        #expect(Self.loadError(batched).contains("--batch 1"))
+        #expect(Self.loadError(batched).contains("--batch-size 1"))
     }
 
     @Test func unconditionalModelHasNoConditionRows() throws {

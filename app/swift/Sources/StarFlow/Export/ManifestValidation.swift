@@ -29,7 +29,7 @@ extension ExportManifest {
             throw fail("kv_cache is \(kvCache ?? ""); this package runs Core ML state caches (export again with the default kv_cache \"state\")")
         }
         guard (batch ?? 1) == 1 else {
-            throw fail("exported for \(batch ?? 1) images per call; this package generates one image per call (export with --batch 1)")
+            throw fail("exported for \(batch ?? 1) images per call; this package generates one image per call (export with --batch-size 1)")
         }
         guard latent.patchSize > 0, latent.height % latent.patchSize == 0, latent.width % latent.patchSize == 0 else {
             throw fail("latent \(latent.height)×\(latent.width) is not a multiple of patch_size \(latent.patchSize)")
