@@ -41,7 +41,7 @@ $(DEV): $(BASE)
 setup: $(BASE)
 
 demo: $(BASE)
-	$(STARFLOW) generate --model weights/demo --all-labels --grid --seed 0 --output outputs/demo-grid.png --force
+	$(STARFLOW) generate --model weights/demo --all-labels --grid --sequential --seed 0 --output outputs/demo-grid.png --force
 
 generate: $(BASE)
 	$(STARFLOW) generate "$(PROMPT)" --model $(MODEL) --dtype $(DTYPE)

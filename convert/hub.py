@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -26,9 +25,9 @@ from typing import Any
 
 from mlx_starflow.config import FlowConfig, LabelConfig, T5Config, VAEConfig
 from mlx_starflow.errors import ConfigError, ModelNotFound, StarFlowError
-from mlx_starflow.model_io import read_manifest, sha256_file
-from mlx_starflow.model_io import MODEL_KIND
+from mlx_starflow.model_io import MODEL_KIND, read_manifest, sha256_file
 
+from .checkpoint import atomic_file
 from .model import convert_model
 from .official_config import read_official_config
 
@@ -303,11 +302,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(temporary, path)
+    with atomic_file(path) as f:
+        f.write(json.dumps(data, indent=1).encode())
 
 
 # ---- resolving --model ------------------------------------------------------------------------
@@ -441,7 +437,7 @@ def cached_repos() -> Iterator[CachedRepo]:
     for files in HUB_FILES.values():
         folder = local_snapshot(files)
         partial = folder or _any_snapshot(files.repo_id)
-        yield CachedRepo(files.repo_id, partial, folder is not None, _folder_bytes(partial) if partial else 0)
+        yield CachedRepo(files.repo_id, partial, folder is not None, folder_bytes(partial) if partial else 0)
 
 
 def _any_snapshot(repo_id: str) -> Path | None:
@@ -450,7 +446,7 @@ def _any_snapshot(repo_id: str) -> Path | None:
     return folders[-1] if folders else None
 
 
-def _folder_bytes(folder: Path) -> int:
+def folder_bytes(folder: Path) -> int:
     """Bytes of the files a folder holds (following the cache's links to their blobs)."""
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
@@ -460,5 +456,5 @@ def converted_models() -> list[tuple[Path, bool, int]]:
     folder = models_folder()
     if not folder.is_dir():
         return []
-    return [(path, is_current(path, None), _folder_bytes(path)) for path in sorted(folder.iterdir())
+    return [(path, is_current(path, None), folder_bytes(path)) for path in sorted(folder.iterdir())
             if path.is_dir() and not path.name.startswith(".")]

@@ -1,9 +1,9 @@
 """Prompts → images: the loaded model folder and the generation loop around the flow.
 
 `load(folder)` reads a converted model folder (flow, condition encoder, VAE, optional
-fine-tuned decoder) strictly. `StarFlowPipeline.iter_generate` encodes every condition
-first, then per batch samples the flow (yielding the flow's own progress), denoises and
-decodes; it never prints, so any front end can draw the progress it yields.
+fine-tuned decoder) strictly. `StarFlowPipeline.iter_generate` encodes each distinct
+condition once, then per batch samples the flow (yielding the flow's own progress), denoises
+and decodes; it never prints, so any front end can draw the progress it yields.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from .vae import VAE, load_vae
 
 MAX_SEED = 2**32 - 1
 DENOISE_MODES = ("score", "decoder", "none")
+ENCODE_CHUNK = 16
+"""Distinct prompts per text-encoder call: bounds its activations when a prompt file is long."""
 MAX_DEFAULT_BATCH = 8
 """The official sampling script's batch; more gains little once the weights are read per step."""
 MEMORY_FRACTION = 0.6
@@ -89,6 +91,51 @@ def check_seed(seed: int | None, count: int) -> int:
             f"pick a seed from 0 to {last_first}"
         )
     return seed
+
+
+def check_seeds(seed: int | Sequence[int] | None, count: int) -> list[int]:
+    """The seed of each of `count` images: a sequence as given (one per image), an int as
+    seed, seed+1, …, and None as a random first seed, so every image's seed can be written down.
+    """
+    if seed is None or not isinstance(seed, Sequence):
+        first = check_seed(seed, count)
+        return [first + i for i in range(count)]
+    seeds = [int(value) for value in seed]
+    if len(seeds) != count:
+        raise ValueError(f"{len(seeds)} seed(s) for {count} prompt(s); pass one seed per prompt, or one int for seeds seed, seed+1, …")
+    for value in seeds:
+        if not 0 <= value <= MAX_SEED:
+            raise ValueError(f"seed {value} is out of range: seeds are 0 … {MAX_SEED}")
+    return seeds
+
+
+def check_sampling(
+    guidance: float,
+    jacobi: bool,
+    jacobi_block_size: int,
+    jacobi_threshold: float,
+    jacobi_max_iter: int,
+    denoise_choice: str | None,
+) -> None:
+    """Refuse sampling settings no model can run, so a front end can check them before it
+    fetches or loads one. Jacobi settings are checked only when Jacobi is on (they are unused otherwise).
+    """
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"guidance (--guidance) must be 0 or more, got {guidance:g}; 0 turns guidance off")
+    if jacobi:
+        if jacobi_block_size < 1:
+            raise ValueError(f"jacobi_block_size (--jacobi-block-size) must be at least 1 token, got {jacobi_block_size}")
+        if not (math.isfinite(jacobi_threshold) and jacobi_threshold >= 0):
+            raise ValueError(f"jacobi_threshold (--jacobi-threshold) must be 0 or more, got {jacobi_threshold:g}")
+        if jacobi_max_iter < 1:
+            raise ValueError(f"jacobi_max_iter (--jacobi-max-iter) must be at least 1, got {jacobi_max_iter}")
+    check_denoise_mode(denoise_choice)
+
+
+def check_denoise_mode(denoise: str | None) -> None:
+    """None (the model's default) or one of `DENOISE_MODES`."""
+    if denoise is not None and denoise not in DENOISE_MODES:
+        raise ValueError(f"denoise (--denoise) must be one of {', '.join(DENOISE_MODES)}, not {denoise!r}")
 
 
 def seeded_noise(seeds: Sequence[int], channels: int, height: int, width: int) -> mx.array:
@@ -154,15 +201,9 @@ class StarFlowPipeline:
         return self.flow.blocks[-1].has_text
 
     @property
-    def size_multiple(self) -> int:
-        """Width and height must be multiples of this: VAE factor × patch size."""
-        return self.config.vae_factor * self.config.patch_size
-
-    @property
     def default_size(self) -> tuple[int, int]:
         """(width, height) the model was trained at."""
-        side = self.config.latent_size * self.config.vae_factor
-        return side, side
+        return self.config.image_side, self.config.image_side
 
     @property
     def default_denoise(self) -> str:
@@ -173,7 +214,7 @@ class StarFlowPipeline:
         default_width, default_height = self.default_size
         width = default_width if width is None else width
         height = default_height if height is None else height
-        step = self.size_multiple
+        step = self.config.size_multiple
         for name, value in (("width", width), ("height", height)):
             if value < step or value % step:
                 nearest = f"{value // step * step} or {(value // step + 1) * step}" if value > step else str(step)
@@ -184,9 +225,9 @@ class StarFlowPipeline:
         return width, height
 
     def check_denoise(self, denoise: str | None) -> str:
+        """The denoise mode to use: the default for None, refused when this folder cannot do it."""
+        check_denoise_mode(denoise)
         denoise = self.default_denoise if denoise is None else denoise
-        if denoise not in DENOISE_MODES:
-            raise ValueError(f"denoise must be one of {', '.join(DENOISE_MODES)}, not {denoise!r}")
         if denoise == "decoder" and self.decoder is None:
             raise ConfigError(f"{self.name} has no fine-tuned decoder; use denoise 'score' or 'none', or convert with --decoder FILE")
         return denoise
@@ -209,7 +250,8 @@ class StarFlowPipeline:
         return []
 
     def suggested_batch_size(self, width: int, height: int, guidance: float) -> int:
-        tokens = (height // self.size_multiple) * (width // self.size_multiple)
+        step = self.config.size_multiple
+        tokens = (height // step) * (width // step)
         weights = parameter_bytes(self.flow, getattr(self.condition, "encoder", None), self.vae, self.decoder)
         return default_batch_size(self.config, tokens, guidance, weights, available_memory())
 
@@ -242,10 +284,24 @@ class StarFlowPipeline:
 
     # ---- generation -----------------------------------------------------------------------
 
+    def encode_distinct(self, prompts: Sequence[str]) -> tuple[mx.array | None, list[int]]:
+        """Each distinct prompt encoded once: the states (N, T, D) float32 (None for an
+        unconditional model) and the row of each prompt in them."""
+        distinct = list(dict.fromkeys(prompts))
+        row = {prompt: index for index, prompt in enumerate(distinct)}
+        rows = [row[prompt] for prompt in prompts]
+        if self.condition is None:
+            return None, rows
+        chunks = []
+        for start in range(0, len(distinct), ENCODE_CHUNK):
+            chunks.append(self.encode(distinct[start : start + ENCODE_CHUNK]))
+            mx.eval(chunks[-1])
+        return (chunks[0] if len(chunks) == 1 else mx.concatenate(chunks, axis=0)), rows
+
     def iter_generate(
         self,
         prompts: str | Sequence[str],
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         guidance: float = 3.6,
         jacobi: bool = True,
         jacobi_block_size: int = 16,
@@ -256,20 +312,19 @@ class StarFlowPipeline:
         batch_size: int | None = None,
         denoise: str | None = None,
     ) -> Generator[GenerationProgress, None, None]:
-        """One image per prompt, image i from seed + i; yields progress, results come with phase decode.
+        """One image per prompt, sampled `batch_size` at a time; yields progress, and the
+        results with phase decode.
 
-        With Jacobi the convergence test spans the batch (as the official sampler), so an
-        image depends on the images it is sampled with; batch_size=1 makes each image depend
-        on its prompt and seed only.
+        `seed`: one per prompt (a sequence), or an int giving image i the seed seed + i, or
+        None for a random first seed. With Jacobi the convergence test spans the batch (as the
+        official sampler's), so an image depends on the prompts and seeds it is sampled with;
+        batch_size=1 (or jacobi=False) makes each image depend on its prompt and seed only.
         """
+        check_sampling(guidance, jacobi, jacobi_block_size, jacobi_threshold, jacobi_max_iter, denoise)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        first_seed = check_seed(seed, len(prompts))
+        seeds = check_seeds(seed, len(prompts))
         width, height = self.check_size(width, height)
         denoise = self.check_denoise(denoise)
-        if guidance < 0:
-            raise ValueError(f"guidance must be 0 or more, got {guidance}")
-        if jacobi and (jacobi_block_size < 1 or jacobi_max_iter < 1 or jacobi_threshold < 0):
-            raise ValueError("Jacobi needs a block size and max iterations of at least 1 and a threshold of 0 or more")
         notes = self.check_prompts(prompts)
         if not self.is_conditional:
             guidance = 0.0
@@ -286,21 +341,21 @@ class StarFlowPipeline:
             return GenerationProgress(phase, batch, num_batches, done, total, time.perf_counter() - started, **extra)
 
         mark = time.perf_counter()
-        conditions = self.encode(prompts)
-        unconditional = self.encode([""]) if guidance > 0 else None
-        mx.eval(conditions, unconditional)
+        states, rows = self.encode_distinct([*prompts, ""] if guidance > 0 else prompts)
         timings["encode"] += time.perf_counter() - mark
         yield report("encode", 0, 1, 1, notes=tuple(notes))
 
         for batch in range(num_batches):
             lo, hi = batch * batch_size, min(len(prompts), (batch + 1) * batch_size)
-            seeds = [first_seed + i for i in range(lo, hi)]
-            y = None if conditions is None else conditions[lo:hi]
-            if unconditional is not None:
-                y = mx.concatenate([y, mx.broadcast_to(unconditional, y.shape)], axis=0)
+            batch_seeds = seeds[lo:hi]
+            conditions = None if states is None else states[mx.array(rows[lo:hi])]
+            y = conditions
+            if conditions is not None and guidance > 0:
+                empty = states[rows[-1] : rows[-1] + 1]
+                y = mx.concatenate([conditions, mx.broadcast_to(empty, conditions.shape)], axis=0)
 
             mark = time.perf_counter()
-            for progress in self.flow.iter_sample(self.noise(seeds, width, height), y, guidance, jacobi,
+            for progress in self.flow.iter_sample(self.noise(batch_seeds, width, height), y, guidance, jacobi,
                                                   jacobi_block_size, jacobi_threshold, jacobi_max_iter):
                 if progress.output is not None:
                     samples = progress.output
@@ -309,14 +364,14 @@ class StarFlowPipeline:
 
             if denoise == "score":
                 # One image at a time: the score step's backward pass holds every layer's activations.
-                rows = []
+                denoised = []
                 for i in range(hi - lo):
                     mark = time.perf_counter()
-                    rows.append(self.flow.denoise(samples[i : i + 1], None if conditions is None else conditions[lo + i : lo + i + 1]))
-                    mx.eval(rows[-1])
+                    denoised.append(self.flow.denoise(samples[i : i + 1], None if conditions is None else conditions[i : i + 1]))
+                    mx.eval(denoised[-1])
                     timings["denoise"] += time.perf_counter() - mark
                     yield report("denoise", batch, i + 1, hi - lo)
-                samples = mx.concatenate(rows, axis=0)
+                samples = mx.concatenate(denoised, axis=0)
 
             yield report("decode", batch, 0, 1)
             mark = time.perf_counter()
@@ -327,16 +382,16 @@ class StarFlowPipeline:
                 "sampler": sampler,
                 "denoise": denoise,
                 "size": f"{width}x{height}",
-                "batch_seeds": f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else str(seeds[0]),
+                "batch_seeds": ",".join(map(str, batch_seeds)),
                 "model": self.name,
                 "dtype": self.config.dtype + (f" q{self.config.quantization['bits']}" if self.config.quantization else ""),
                 "software": _software(),
             }
             results = []
             for offset, picture in enumerate(pictures):
-                metadata = {"prompt": prompts[lo + offset], "seed": str(seeds[offset]), **settings}
+                metadata = {"prompt": prompts[lo + offset], "seed": str(batch_seeds[offset]), **settings}
                 picture.info.update(metadata)
-                results.append(GeneratedImage(picture, prompts[lo + offset], seeds[offset], metadata))
+                results.append(GeneratedImage(picture, prompts[lo + offset], batch_seeds[offset], metadata))
             yield report("decode", batch, 1, 1, images=tuple(results))
 
         yield report("done", num_batches - 1, 1, 1, timings=timings)
@@ -344,7 +399,7 @@ class StarFlowPipeline:
     def generate(
         self,
         prompts: str | Sequence[str],
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         guidance: float = 3.6,
         jacobi: bool = True,
         jacobi_block_size: int = 16,
@@ -355,7 +410,7 @@ class StarFlowPipeline:
         batch_size: int | None = None,
         denoise: str | None = None,
     ) -> list[Image.Image]:
-        """One image per prompt (image i from seed + i); the images carry their settings in `image.info`.
+        """One image per prompt (seeds as in `iter_generate`); the images carry their settings in `image.info`.
 
         Defaults are the official script's: guidance 3.6, Jacobi (block 16, threshold 1e-3,
         32 iterations), the training size, score-step denoising unless the folder has a

@@ -14,6 +14,8 @@ import mlx.nn as nn
 # softplus(0 + INV_SOFTPLUS_1) == 1: a zero scale logit means unit scale.
 INV_SOFTPLUS_1 = 0.541324854612918
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+LOG2_PIXEL_SCALE = math.log2(127.5)
+"""Bits per dimension from [-1, 1] pixels to the usual 8-bit [0, 255] convention."""
 
 
 def soft_clip(x: mx.array, bound: float) -> mx.array:

@@ -42,12 +42,10 @@ from .labels import LabelEncoder, UnknownLabel, load_label_encoder
 from .model_io import read_manifest, sha256_file
 from .pipeline import seeded_noise
 from .run_folder import MODEL_FOLDER, OPTIMIZER_FOLDER, SAMPLES_FOLDER, check_resumable, read_run_state, restore_optimizer, save_checkpoint
-from .sampling import bits_per_dim, nll_per_sample
+from .sampling import LOG2_PIXEL_SCALE, bits_per_dim, nll_per_sample
 from .text_encoder import TextEncoder, load_text_encoder
 from .vae import VAE, load_vae
 
-LOG2_PIXEL_SCALE = math.log2(127.5)
-"""Bits per dimension from [-1, 1] pixels to the 8-bit [0, 255] convention."""
 ENCODE_BATCH = 16
 SAMPLE_LIMIT = 16
 _STEP_STREAM, _EVAL_STREAM = 11, 13

@@ -1,4 +1,5 @@
-"""`starflow generate`, `info` and `score` through the CLI, on the tiny fixture models.
+"""`starflow generate`, `info` and `score` through the CLI, on the tiny fixture models and the
+shipped demo model.
 
 The tiny T5 (width 32, text length 16), flow (8×8 latent) and VAE (factor 8) fit together into
 a 64×64 text-to-image model. Every bad input must print one line on stderr, exit 1, show no
@@ -7,22 +8,24 @@ traceback and leave no file behind.
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 import app.commands.generate as generate_command
-from app.cli import app, main
-from app.commands.score import score
+import app.commands.score as score_command
+from app.cli import main
+from mlx_starflow import load
+from mlx_starflow.image import pil_to_uint8
+from mlx_starflow.pipeline import StarFlowPipeline
 
 PROMPT = "a film still of a cat playing piano"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def score_command():
-    """`starflow score` is registered by app/cli.py once the lead adds it; until then, here."""
-    if "score" not in {command.name for command in app.registered_commands}:
-        app.command("score")(score)
+DEMO = Path(__file__).resolve().parents[1] / "weights" / "demo"
+EIGHT_BIT_SHIFT = math.log2(127.5)
+"""8-bit bits/dim = bits/dim of [-1, 1] pixels + log2(127.5): the pixel scale's Jacobian."""
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +63,7 @@ def test_generate_end_to_end_is_reproducible(models, tmp_path, capsys):
     code, out, err = run(capsys, "generate", PROMPT, "--model", models / "text", "--seed", 42, "--output", first)
     assert code == 0, err
     assert f"wrote {first}" in out and "image(s) in" in out
+    assert "" not in out.splitlines(), "stdout carries results only; progress bars go to stderr"
     with Image.open(first) as image:
         assert image.size == (64, 64) and image.format == "PNG"
         meta = dict(image.text)
@@ -103,6 +107,27 @@ def test_prompts_file_keeps_the_model_loaded_and_grids(models, tmp_path, capsys,
         assert image.text["seed"] == "1,2,1,2,1,2" and image.text["prompt"] == "cat | ship | dog"
 
 
+def test_all_prompts_and_seeds_are_sampled_in_one_run(models, tmp_path, capsys, monkeypatch):
+    """One call for every prompt × seed, files in prompt-then-seed order, each image the one the
+    library gives for the same prompts, seeds and batch (Jacobi ties an image to its batch)."""
+    calls = []
+    real_iter = StarFlowPipeline.iter_generate
+    monkeypatch.setattr(StarFlowPipeline, "iter_generate", lambda self, *a, **k: calls.append(a) or real_iter(self, *a, **k))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("cat\nship\n")
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, "generate", "--prompts-file", prompts, "--model", models / "label", "-n", 2, "--seed", 1,
+                         "--batch-size", 3, "-o", out_dir)
+    assert code == 0, err
+    assert len(calls) == 1
+    names = ["cat-1.png", "cat-2.png", "ship-1.png", "ship-2.png"]
+    assert [line.split("/")[-1] for line in out.splitlines() if line.startswith("wrote")] == names
+    monkeypatch.setattr(StarFlowPipeline, "iter_generate", real_iter)
+    expected = load(models / "label").generate(["cat", "cat", "ship", "ship"], seed=[1, 2, 1, 2], batch_size=3)
+    for name, image in zip(names, expected):
+        assert np.array_equal(pixels(out_dir / name), pil_to_uint8(image).transpose(1, 2, 0)), name
+
+
 def test_all_labels_grid(models, tmp_path, capsys):
     code, _, err = run(capsys, "generate", "--all-labels", "--model", models / "label", "--seed", 3, "--grid",
                        "-o", tmp_path / "all.png")
@@ -136,6 +161,34 @@ def test_bad_options(models, tmp_path, capsys, args, fragments):
     out_dir = tmp_path / "out"
     code, _, err = run(capsys, "generate", PROMPT, "--model", models / "text", "-o", out_dir, *args)
     assert_clean_failure(code, err, out_dir, *fragments)
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--guidance", "-1"], ["--guidance", "0 or more"]),
+    (["--jacobi-block-size", "0"], ["--jacobi-block-size"]),
+    (["--jacobi-threshold", "-1"], ["--jacobi-threshold"]),
+    (["--jacobi-max-iter", "0"], ["--jacobi-max-iter"]),
+    (["--denoise", "foo"], ["--denoise", "score, decoder, none"]),
+    (["--dtype", "float8"], ["--dtype", "float32, float16, bfloat16"]),
+    (["--quantize", "3"], ["--quantize", "4, 8"]),
+    (["--width", "0"], ["--width", "positive"]),
+    (["--height", "-8"], ["--height", "positive"]),
+    (["--seed", "-1"], ["--seed", "out of range"]),
+    (["--batch-size", "0"], ["--batch-size"]),
+])
+def test_bad_options_fail_before_the_model_is_fetched(tmp_path, capsys, monkeypatch, args, fragments):
+    """On the default model a late check would cost a 27 GB download first."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was resolved before the options were checked")
+
+    monkeypatch.setattr(generate_command, "resolve_model", no_model)
+    monkeypatch.setattr(score_command, "resolve_model", no_model)
+    out_dir = tmp_path / "out"
+    code, _, err = run(capsys, "generate", PROMPT, "-o", out_dir, *args)
+    assert_clean_failure(code, err, out_dir, *fragments)
+    if args[0] in ("--dtype", "--quantize", "--width", "--height"):
+        code, _, err = run(capsys, "score", tmp_path / "none.png", *args)
+        assert_clean_failure(code, err, out_dir, *fragments)
 
 
 def test_bad_models(models, tmp_path, capsys, monkeypatch):
@@ -194,13 +247,37 @@ def test_info_describes_models_and_caches(models, tmp_path, capsys, monkeypatch)
     assert str(tmp_path / "home") in out and "google/flan-t5-xl" in out and "not downloaded" in out
 
 
+def test_info_on_the_shipped_demo_model(capsys):
+    code, out, err = run(capsys, "info", DEMO)
+    assert code == 0, err
+    for fragment in ("flow", "labels", "12 labels", "32x32", "configs/demo.yaml", "starflow train", "trained: 3000 steps"):
+        assert fragment in out, out
+
+
+def test_info_on_a_component_folder_names_the_model_folder(capsys):
+    code, out, err = run(capsys, "info", DEMO / "flow")
+    assert_clean_failure(code, err, DEMO / "none", "component", str(DEMO))
+    assert out == ""
+
+
 def test_score_prints_bits_per_dim_and_refuses_a_corrupt_image(models, tmp_path, capsys):
     good = tmp_path / "good.png"
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 30, 3), dtype=np.uint8)).save(good)
     code, out, err = run(capsys, "score", good, "cat", "--model", models / "label")
     assert code == 0, err
-    assert "bits/dim" in out and float(out.split()[0]) > 0
+    fields = out.split()
+    assert fields[1] == "bits/dim" and fields[2] == "(8-bit:", out
+    assert abs(float(fields[3].rstrip(")")) - float(fields[0]) - EIGHT_BIT_SHIFT) < 1e-3, out
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
     code, _, err = run(capsys, "score", corrupt, "cat", "--model", models / "label")
     assert_clean_failure(code, err, tmp_path / "none", "cannot read", "corrupt.png")
+
+
+def test_score_of_a_latent_model_is_per_latent_dimension_and_notes_a_long_prompt(models, tmp_path, capsys):
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.RandomState(1).randint(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
+    code, out, err = run(capsys, "score", image, " ".join(["piano"] * 40), "--model", models / "text")
+    assert code == 0, err
+    assert "per latent dimension" in out and "8-bit" not in out
+    assert "note:" in err and "only the first 15" in err

@@ -22,7 +22,7 @@ from mlx_starflow.config import FlowConfig
 from mlx_starflow.errors import ConfigError, ModelNotFound
 from mlx_starflow.image import decoded_to_uint8, pil_to_uint8
 from mlx_starflow.labels import UnknownLabel
-from mlx_starflow.pipeline import MAX_SEED, check_seed, default_batch_size, seeded_noise
+from mlx_starflow.pipeline import ENCODE_CHUNK, MAX_SEED, check_sampling, check_seed, check_seeds, default_batch_size, seeded_noise
 
 SAMPLE_TOL = 2e-4
 DECODE_TOL = 2e-5
@@ -131,6 +131,67 @@ def test_text_generation_uses_conditional_then_empty_prompt_rows(text_pipe, monk
     expected = text_pipe.flow.sample(noise, y, guidance=3.6, jacobi=True)
     sample, _ = final_sample(text_pipe, prompts, seed=3, denoise="none", batch_size=2)
     assert mx.abs(sample - expected).max().item() < 1e-5
+
+
+def test_each_distinct_prompt_and_the_empty_prompt_are_encoded_once(text_pipe, monkeypatch):
+    """A repeated prompt and a prompt equal to "" share rows with the guidance rows; the sample
+    equals the one built from separately encoded rows."""
+    prompts = ["a cat", "a dog", "a cat", ""]
+    separate = [text_pipe.encode([prompt]) for prompt in prompts]
+    y = mx.concatenate([*separate, *[separate[3]] * 4], axis=0)
+    expected = text_pipe.flow.sample(seeded_noise([5, 6, 7, 8], 4, 8, 8), y, guidance=3.6)
+    calls = []
+    real_encode = text_pipe.condition.encode
+    monkeypatch.setattr(text_pipe.condition, "encode", lambda batch, length: calls.append(list(batch)) or real_encode(batch, length))
+    sample, _ = final_sample(text_pipe, prompts, seed=5, jacobi=False, denoise="none", batch_size=4)
+    assert calls == [["a cat", "a dog", ""]]
+    assert mx.abs(sample - expected).max().item() < 1e-5
+
+
+def test_distinct_prompts_beyond_one_encoder_call_keep_their_rows(text_pipe):
+    prompts = [f"a cat number {i % 20}" for i in range(30)]
+    states, rows = text_pipe.encode_distinct(prompts)
+    assert states.shape[0] == 20 > ENCODE_CHUNK and rows[25] == 5
+    assert mx.abs(states[mx.array(rows)] - text_pipe.encode(prompts)).max().item() < 1e-5
+
+
+def test_a_seed_sequence_gives_each_image_its_own_seed(text_pipe):
+    pair = text_pipe.generate(["a cat", "a cat"], seed=[22, 20], batch_size=1, jacobi=False, denoise="none")
+    assert [image.info["seed"] for image in pair] == ["22", "20"]
+    for image, seed in zip(pair, (22, 20)):
+        alone = text_pipe.generate("a cat", seed=seed, jacobi=False, denoise="none")[0]
+        assert np.array_equal(pil_to_uint8(image), pil_to_uint8(alone))
+
+
+def test_seed_sequences_are_checked():
+    assert check_seeds([3, 1, 3], 3) == [3, 1, 3]
+    assert check_seeds(7, 3) == [7, 8, 9]
+    with pytest.raises(ValueError, match="2 seed.*3 prompt"):
+        check_seeds([1, 2], 3)
+    with pytest.raises(ValueError, match=f"seed {MAX_SEED + 1} is out of range"):
+        check_seeds([0, MAX_SEED + 1], 2)
+
+
+@pytest.mark.parametrize("settings,name", [
+    ({"guidance": -1.0}, "--guidance"),
+    ({"guidance": math.nan}, "--guidance"),
+    ({"jacobi_block_size": 0}, "--jacobi-block-size"),
+    ({"jacobi_threshold": -1e-3}, "--jacobi-threshold"),
+    ({"jacobi_max_iter": 0}, "--jacobi-max-iter"),
+    ({"denoise_choice": "foo"}, "--denoise"),
+])
+def test_sampling_settings_are_checked_naming_the_option(text_pipe, settings, name):
+    defaults = {"guidance": 3.6, "jacobi": True, "jacobi_block_size": 16, "jacobi_threshold": 1e-3, "jacobi_max_iter": 32,
+                "denoise_choice": None}
+    with pytest.raises(ValueError, match=name):
+        check_sampling(**{**defaults, **settings})
+    call = {("denoise" if key == "denoise_choice" else key): value for key, value in settings.items()}
+    with pytest.raises(ValueError, match=name):
+        next(text_pipe.iter_generate("a cat", seed=0, **call))
+
+
+def test_jacobi_settings_do_not_matter_when_sampling_sequentially():
+    check_sampling(0.0, False, 0, -1.0, 0, "none")
 
 
 def test_defaults_and_metadata(text_pipe):

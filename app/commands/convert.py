@@ -10,6 +10,7 @@ import typer
 from convert.model import convert_model
 from convert.official_config import read_official_config
 
+from ..options import Dtype, Force, Quantize
 from ..progress import tensor_progress
 
 
@@ -17,19 +18,15 @@ def convert(
     src: Path = typer.Argument(..., help="Official checkpoint: .pth (torch zip) or .safetensors."),
     config: Path = typer.Option(..., "--config", "-c", help="Official YAML config the checkpoint was trained with."),
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to create."),
-    dtype: str = typer.Option("float32", "--dtype", help="Weight dtype: float32, float16 or bfloat16."),
-    quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="Quantise the attention/MLP linears to 4 or 8 bits (MLX affine, group 64)."),
+    dtype: Dtype = "float32",
+    quantize: Quantize = None,
     labels: Optional[Path] = typer.Option(None, "--labels", help="Class vocabulary of a label model (default: the YAML's text: file beside the YAML)."),
     text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="Hugging Face T5 folder (google/flan-t5-xl: config.json, tokenizer.json, weights) for a text model."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="diffusers VAE folder (stabilityai/sd-vae-ft-ema: config.json, diffusion_pytorch_model.safetensors)."),
     decoder: Optional[Path] = typer.Option(None, "--decoder", help="STARFlow's fine-tuned noisy-latent decoder (pytorch_model.bin or .pth); used instead of the score step."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: Force = False,
 ) -> None:
     """Convert an official STARFlow checkpoint without PyTorch (memory stays near one tensor)."""
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"--dtype must be float32, float16 or bfloat16, not {dtype!r}")
-    if quantize not in (None, 4, 8):
-        raise ValueError(f"--quantize must be 4 or 8, not {quantize}")
     with tensor_progress("converting") as progress:
         folder = convert_model(src, config, out, dtype=dtype, quantize=quantize, force=force, labels=labels,
                                text_encoder=text_encoder, vae=vae, decoder=decoder, progress=progress)

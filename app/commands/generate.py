@@ -25,13 +25,11 @@ from convert.hub import resolve_model
 from mlx_starflow.errors import InputError, StarFlowError
 from mlx_starflow.image import make_grid, pil_to_uint8, save_png
 from mlx_starflow.labels import load_label_encoder
-from mlx_starflow.pipeline import GeneratedImage, GenerationProgress, StarFlowPipeline, check_seed, load
+from mlx_starflow.pipeline import GeneratedImage, GenerationProgress, StarFlowPipeline, check_sampling, check_seed, load
 
+from ..options import FIRST_RUN_DTYPE, Dtype, Force, Guidance, Height, Model, Offline, Quantize, Seed, Width
 from ..progress import make_progress
 
-DTYPES = ("float32", "float16", "bfloat16")
-FIRST_RUN_DTYPE = "bfloat16"
-"""The official sampler runs the transformer in bfloat16; it keeps float32's range at half the bytes."""
 SLUG_LENGTH = 48
 
 stderr = Console(stderr=True, highlight=False)
@@ -44,33 +42,34 @@ class OutputError(StarFlowError):
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The prompt (a class name for a label model); \"\" for an unconditional image."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", "-f", help="A text file with one prompt per line (blank lines are skipped)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="A converted model folder, an official checkpoint file, or a Hugging Face repo id (default: apple/starflow, fetched and converted on first use)."),
+    model: Model = None,
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt, from seeds SEED, SEED+1, …"),
-    seed: Optional[int] = typer.Option(None, "--seed", "-s", help="Seed of the first image, 0 … 2^32-1 (default: random, printed)."),
-    guidance: float = typer.Option(3.6, "--guidance", "-g", help="Classifier-free guidance weight; 0 turns it off."),
-    width: Optional[int] = typer.Option(None, "--width", "-W", help="Image width in pixels, a multiple of VAE factor × patch size (default: the training size)."),
-    height: Optional[int] = typer.Option(None, "--height", "-H", help="Image height in pixels (same rule)."),
+    seed: Seed = None,
+    guidance: Guidance = 3.6,
+    width: Width = None,
+    height: Height = None,
     output: Path = typer.Option(Path("outputs"), "--output", "-o", help="A folder, or a .png file name; existing files are never replaced without --force."),
     all_labels: bool = typer.Option(False, "--all-labels", help="One prompt per class of a label model (--model DIR), instead of PROMPT."),
     grid: bool = typer.Option(False, "--grid", help="Write all images as one grid PNG: a row per prompt (or a square grid when -n is 1)."),
-    force: bool = typer.Option(False, "--force", help="Replace existing output files."),
+    force: Force = False,
     jacobi: bool = typer.Option(True, "--jacobi/--sequential", help="Block-wise Jacobi iteration (fast) or token-by-token decoding (exact)."),
     jacobi_block_size: int = typer.Option(16, "--jacobi-block-size", help="Tokens per Jacobi block."),
     jacobi_threshold: float = typer.Option(1e-3, "--jacobi-threshold", help="Relative change below which a Jacobi block has converged."),
     jacobi_max_iter: int = typer.Option(32, "--jacobi-max-iter", help="Most Jacobi passes per block."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images sampled together (default: what fits in memory, at most 8)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images sampled together, across prompts (default: what fits in memory, at most 8)."),
     denoise: Optional[str] = typer.Option(None, "--denoise", help="score (one score step), decoder (the fine-tuned decoder) or none (default: decoder if the model has one, else score)."),
-    dtype: str = typer.Option(FIRST_RUN_DTYPE, "--dtype", help="Weight dtype when converting on first use: float32, float16 or bfloat16."),
-    quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="Quantise the flow to 4 or 8 bits when converting on first use."),
-    offline: bool = typer.Option(False, "--offline", help="Never touch the network: use only the Hugging Face cache and converted models."),
+    dtype: Dtype = FIRST_RUN_DTYPE,
+    quantize: Quantize = None,
+    offline: Offline = False,
 ) -> None:
-    """Generate images from text prompts (or class names) and save them as PNGs."""
+    """Generate images from text prompts (or class names) and save them as PNGs.
+
+    Image i of each prompt uses seed SEED+i; without --seed a seed is drawn and printed. All
+    prompts are sampled together, --batch-size images at a time.
+    """
     prompts = label_prompts(model) if all_labels else read_prompts(prompt, prompts_file)
     first_seed = check_seed(seed, num_images)
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be float32, float16 or bfloat16, not {dtype!r}")
-    if quantize not in (None, 4, 8):
-        raise ValueError(f"--quantize must be 4 or 8, not {quantize}")
+    check_sampling(guidance, jacobi, jacobi_block_size, jacobi_threshold, jacobi_max_iter, denoise)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
     seeds = [first_seed + i for i in range(num_images)]
@@ -86,35 +85,30 @@ def generate(
     pipeline.check_prompts(prompts)
     stderr.print(f"{pipeline.name} from {folder}: {size[0]}x{size[1]}, seed {first_seed}", soft_wrap=True)
 
-    settings = {
-        "seed": first_seed, "guidance": guidance, "jacobi": jacobi, "jacobi_block_size": jacobi_block_size,
-        "jacobi_threshold": jacobi_threshold, "jacobi_max_iter": jacobi_max_iter, "width": size[0], "height": size[1],
-        "batch_size": batch_size, "denoise": denoise,
-    }
+    paths = [path for row in targets for path in row]
     timings: dict[str, float] = {}
-    everything: list[GeneratedImage] = []
+    results: list[GeneratedImage] = []
     with make_progress() as bar:
         bars = GenerationBars(bar, pipeline)
-        for index, text in enumerate(prompts):
-            bars.label = f"prompt {index + 1}/{len(prompts)}" if len(prompts) > 1 else "image"
-            results: list[GeneratedImage] = []
-            for item in pipeline.iter_generate([text] * num_images, **settings):
-                bars.draw(item)
-                for note in item.notes:
-                    stderr.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
-                for result in item.images:
-                    if not grid:
-                        write(result.image, targets[index][len(results)], result.metadata, force)
-                        typer.echo(f"wrote {targets[index][len(results)]}")
-                    results.append(result)
-                for phase, seconds in item.timings.items():
-                    timings[phase] = timings.get(phase, 0.0) + seconds
-            everything += results
+        for item in pipeline.iter_generate(
+            [text for text in prompts for _ in seeds], seeds * len(prompts), guidance=guidance, jacobi=jacobi,
+            jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter,
+            width=size[0], height=size[1], batch_size=batch_size, denoise=denoise,
+        ):
+            bars.draw(item)
+            for note in item.notes:
+                stderr.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
+            for result in item.images:
+                if not grid:
+                    write(result.image, paths[len(results)], result.metadata, force)
+                    typer.echo(f"wrote {paths[len(results)]}")
+                results.append(result)
+            timings.update(item.timings)
     if grid:
-        columns = num_images if num_images > 1 else math.ceil(math.sqrt(len(everything)))
-        write(grid_image(everything, columns), targets[0][0], grid_metadata(everything), force)
-        typer.echo(f"wrote {targets[0][0]}")
-    typer.echo(summary(timings, len(prompts) * num_images))
+        columns = num_images if num_images > 1 else math.ceil(math.sqrt(len(results)))
+        write(grid_image(results, columns), paths[0], grid_metadata(results), force)
+        typer.echo(f"wrote {paths[0]}")
+    typer.echo(summary(timings, len(results)))
 
 
 def label_prompts(model: str | None) -> list[str]:
@@ -235,19 +229,18 @@ class GenerationBars:
     def __init__(self, bar: Progress, pipeline: StarFlowPipeline):
         self.bar = bar
         self.pipeline = pipeline
-        self.label = "image"
         self.tasks: dict[tuple, TaskID] = {}
 
     def draw(self, item: GenerationProgress) -> None:
-        batch = f" batch {item.batch + 1}/{item.num_batches}" if item.num_batches > 1 else ""
+        batch = f"batch {item.batch + 1}/{item.num_batches} · " if item.num_batches > 1 else ""
         if item.phase == "sample":
             block = item.sample.block
             kind = "deep" if self.pipeline.flow.blocks[block].has_text else "shallow"
-            key: tuple = (self.label, item.batch, block)
-            description = f"{self.label}{batch} · block {block} ({kind})"
+            key: tuple = (item.batch, block)
+            description = f"{batch}block {block} ({kind})"
         elif item.phase in ("denoise", "decode"):
-            key = (self.label, item.batch, item.phase)
-            description = f"{self.label}{batch} · {'score-step denoise' if item.phase == 'denoise' else 'decode'}"
+            key = (item.batch, item.phase)
+            description = f"{batch}{'score-step denoise' if item.phase == 'denoise' else 'decode'}"
         else:
             return
         if key not in self.tasks:

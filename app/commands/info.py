@@ -12,15 +12,17 @@ from mlx.utils import tree_flatten
 from rich.console import Console
 from rich.table import Table
 
-from convert.hub import cached_repos, converted_models, hub_cache, models_folder
+from convert.hub import cached_repos, converted_models, folder_bytes, hub_cache, models_folder
 from mlx_starflow.config import FlowConfig, LabelConfig, T5Config, VAEConfig
+from mlx_starflow.errors import ConfigError
 from mlx_starflow.flow import StarFlow
-from mlx_starflow.model_io import read_manifest
+from mlx_starflow.model_io import MODEL_KIND, read_manifest
 from mlx_starflow.pipeline import available_memory
 from mlx_starflow.t5 import T5Encoder
 from mlx_starflow.vae import VAE
 
-DEMO_MODEL = Path("weights") / "demo"
+DEMO_MODEL = Path(__file__).resolve().parents[2] / "weights" / "demo"
+"""The small demo model of a repository checkout (absent from an installed wheel)."""
 
 stdout = Console(highlight=False)
 
@@ -49,8 +51,12 @@ def info(
 
 
 def describe_model(folder: Path) -> None:
-    """Components with dtype, quantisation, parameters and bytes, and the size the model generates."""
+    """Components with dtype, quantisation, parameters and bytes, the size the model generates,
+    and where it came from (converted files, or the training run)."""
     manifest = read_manifest(folder)
+    if manifest.get("kind") != MODEL_KIND:
+        raise ConfigError(f"{folder} is a {manifest.get('kind')!r} component folder, not a model; "
+                          f"pass the model folder that contains it ({folder.resolve().parent})")
     table = Table("component", "kind", "dtype", "parameters", "size", title=f"{folder} ({manifest.get('name', folder.name)})", title_justify="left")
     for component in manifest.get("components", []):
         part = folder / component
@@ -60,13 +66,39 @@ def describe_model(folder: Path) -> None:
     stdout.print(table)
     if (folder / "flow").is_dir():
         flow = FlowConfig.load(folder / "flow")
-        side = flow.latent_size * flow.vae_factor
         stdout.print(
             f"flow: {flow.num_blocks} blocks with {'/'.join(map(str, flow.layers_per_block))} layers, width {flow.channels}, "
-            f"condition {flow.txt_size}×{flow.txt_dim}; images {side}x{side} by default, sides multiples of {flow.vae_factor * flow.patch_size}"
+            f"condition {flow.txt_size}×{flow.txt_dim}; images {flow.image_side}x{flow.image_side} by default, "
+            f"sides multiples of {flow.size_multiple}", soft_wrap=True,
         )
     for source in manifest.get("sources", []):
-        stdout.print(f"source {source.get('component', 'flow')}: {source['path']} sha256 {source['sha256'][:16]}…")
+        stdout.print(source_text(source), soft_wrap=True)
+    if isinstance(manifest.get("training"), dict):
+        stdout.print(training_text(manifest["training"]), soft_wrap=True)
+
+
+def source_text(source: dict) -> str:
+    """One source entry, whatever it records: a converted file (path, sha256) or a training
+    run's config and command; digests are shortened."""
+    fields = []
+    for key, value in source.items():
+        if key == "component":
+            continue
+        shown = f"{value[:16]}…" if key.endswith("sha256") and isinstance(value, str) else value
+        fields.append(f"{key.replace('_', ' ')} {shown}")
+    component = f" {source['component']}" if "component" in source else ""
+    return f"source{component}: " + ", ".join(fields)
+
+
+def training_text(record: dict) -> str:
+    """The training record's outcome: steps, time, hardware and held-out bits per dimension."""
+    parts = [f"{record.get('step', '?')} steps"]
+    if record.get("train_seconds") is not None:
+        parts.append(f"{record['train_seconds'] / 60:.0f} min on {record.get('hardware', '?')}")
+    if record.get("heldout_bits_per_dim") is not None:
+        eight_bit = record.get("heldout_bits_per_dim_8bit")
+        parts.append(f"held-out bits/dim {record['heldout_bits_per_dim']}" + (f" (8-bit: {eight_bit})" if eight_bit is not None else ""))
+    return "trained: " + "; ".join(parts)
 
 
 def parameter_count(folder: Path) -> str:
@@ -92,10 +124,6 @@ def flow_summary(folder: Path) -> str:
         return dtype_text(json.loads((folder / "flow" / "config.json").read_text()))
     except (OSError, ValueError):
         return "?"
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
 def gigabytes(size: int) -> str:

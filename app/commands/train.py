@@ -17,10 +17,13 @@ from mlx_starflow.dataset import CAPTIONS_FILE, ImageData, load_image_folder
 from mlx_starflow.errors import ConfigError
 from mlx_starflow.model_io import sha256_file
 from mlx_starflow.run_folder import MODEL_FOLDER
+from mlx_starflow.sampling import LOG2_PIXEL_SCALE
 from mlx_starflow.train import (
-    LOG2_PIXEL_SCALE, BaseModel, TrainProgress, TrainSettings, image_size, load_base_model,
+    BaseModel, TrainProgress, TrainSettings, image_size, load_base_model,
     new_label_model, train as train_model,
 )
+
+from ..options import Force, Guidance, Seed
 
 INTERRUPTED = 130
 """Exit status of a run stopped by Ctrl-C (after its checkpoint is written), as shells report SIGINT."""
@@ -40,15 +43,17 @@ def train(
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warm-up steps (default: one epoch of the training images, as upstream)."),
     weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW decoupled weight decay."),
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Clip the global gradient norm to this (0: no clipping)."),
-    seed: int = typer.Option(0, "--seed", help="Seeds initialisation, held-out split, batch order, noise and condition dropout."),
+    seed: Seed = 0,
     heldout: float = typer.Option(0.05, "--heldout", help="Share of the images held out to measure bits/dim."),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Write a checkpoint every N steps (0: only at the end; Ctrl-C also writes one)."),
     sample_every: int = typer.Option(500, "--sample-every", help="Write a sample grid (one image per class or caption) every N steps (0: never)."),
-    guidance: float = typer.Option(3.6, "--guidance", help="Guidance of the sample grids."),
-    force: bool = typer.Option(False, "--force", help="Start over in an existing --out run folder (its model/, optimizer/ and samples/ are replaced)."),
+    guidance: Guidance = 3.6,
+    force: Force = False,
 ) -> None:
     """Train with the official objective: noise augmentation (config noise_std), condition dropout
     (config drop_label), latent-norm regularisation, AdamW with warm-up and cosine decay.
+    --seed seeds initialisation, held-out split, batch order, noise and condition dropout;
+    --guidance is the sample grids'; --force starts over in an existing --out run folder.
     Ctrl-C writes a checkpoint and stops; --resume continues it."""
     if (config is None) == (init is None):
         raise ValueError("pass --config YAML to train a new model or --init MODEL to fine-tune one (exactly one)")

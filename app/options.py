@@ -1,0 +1,69 @@
+"""Options several commands share, declared once so a flag means the same everywhere.
+
+Each is an annotated type; a command gives only the default. Values with a fixed domain are
+checked as the command line is parsed, so a mistake fails in one line before any model is
+fetched, converted or loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from mlx_starflow.config import DTYPES
+from mlx_starflow.pipeline import MAX_SEED
+from mlx_starflow.quantization import BITS
+
+FIRST_RUN_DTYPE = "bfloat16"
+"""What a checkpoint or Hub model is converted to on first use: the official sampler runs the
+transformer in bfloat16, which keeps float32's range at half the bytes."""
+
+
+def _check_dtype(value: str) -> str:
+    if value not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {value!r}")
+    return value
+
+
+def _check_quantize(value: Optional[int]) -> Optional[int]:
+    if value is not None and value not in BITS:
+        raise ValueError(f"--quantize must be one of {', '.join(map(str, BITS))} (bits), not {value}")
+    return value
+
+
+def _check_seed(value: Optional[int]) -> Optional[int]:
+    if value is not None and not 0 <= value <= MAX_SEED:
+        raise ValueError(f"--seed {value} is out of range: seeds are 0 … {MAX_SEED}")
+    return value
+
+
+def _check_side(param: typer.CallbackParam, value: Optional[int]) -> Optional[int]:
+    if value is not None and value < 1:
+        raise ValueError(f"--{param.name} is a size in pixels and must be positive, not {value}")
+    return value
+
+
+Model = Annotated[Optional[str], typer.Option(
+    "--model", "-m",
+    help="A converted model folder, an official checkpoint file, or a Hugging Face repo id "
+         "(default: apple/starflow, fetched and converted on first use).")]
+Dtype = Annotated[str, typer.Option(
+    "--dtype", callback=_check_dtype,
+    help=f"Weight dtype when converting: {', '.join(DTYPES)}.")]
+Quantize = Annotated[Optional[int], typer.Option(
+    "--quantize", "-q", callback=_check_quantize,
+    help=f"Quantise the flow's attention and MLP linears to {' or '.join(map(str, BITS))} bits "
+         "(MLX affine, group 64) when converting.")]
+Offline = Annotated[bool, typer.Option(
+    "--offline", help="Never touch the network: use only the Hugging Face cache and converted models.")]
+Width = Annotated[Optional[int], typer.Option(
+    "--width", "-W", callback=_check_side,
+    help="Image width in pixels, a multiple of the model's VAE factor × patch size (default: the training size).")]
+Height = Annotated[Optional[int], typer.Option(
+    "--height", "-H", callback=_check_side, help="Image height in pixels (same rule as --width).")]
+Seed = Annotated[Optional[int], typer.Option(
+    "--seed", "-s", callback=_check_seed, help=f"Random seed, 0 … {MAX_SEED}: the same seed repeats the same result.")]
+Guidance = Annotated[float, typer.Option(
+    "--guidance", "-g", help="Classifier-free guidance weight; 0 turns it off.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace existing output instead of stopping.")]
