@@ -57,7 +57,7 @@ class Tape(Ops):
                 continue
             rule = RULES.get(record.kind)
             if rule is None:
-                raise NotImplementedError(f"no vector-Jacobian rule for {record.kind!r}; it cannot be on the score-step gradient path")
+                raise TypeError(f"no vector-Jacobian rule for {record.kind!r}; it cannot be on the score-step gradient path")
             for name, grad in rule(self.plain, record, g).items():
                 inputs = record.inputs[name] if isinstance(record.inputs[name], list) else [record.inputs[name]]
                 grad_list = grad if isinstance(grad, list) else [grad]
@@ -136,7 +136,7 @@ def _softplus(ops: Ops, r: Record, g: Var) -> dict[str, Any]:
 def _gelu(ops: Ops, r: Record, g: Var) -> dict[str, Any]:
     """d/dx x·Φ(x) = Φ(x) + x·φ(x)."""
     if not r.attrs["exact"]:
-        raise NotImplementedError("only the exact (erf) GELU is differentiated")
+        raise TypeError("only the exact (erf) GELU is differentiated")
     x = r.inputs["x"]
     cdf = ops.mul(ops.add(mb.erf(x=ops.mul(x, 1.0 / math.sqrt(2.0))), 1.0), 0.5)
     pdf = ops.mul(mb.exp(x=ops.mul(ops.mul(x, x), -0.5)), 1.0 / math.sqrt(2.0 * math.pi))

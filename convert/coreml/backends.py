@@ -9,6 +9,7 @@ for the Mac check script's latency table.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from .flow import updated_name
 from .manifest import read_manifest
 
 
-class Backend:
+class Backend(ABC):
     """Shared bookkeeping: the manifest, and wall time per function."""
 
     def __init__(self, folder: str | Path):
@@ -39,8 +40,9 @@ class Backend:
     def block_entry(self, index: int) -> dict[str, Any]:
         return next(e for e in self.manifest["flow"]["blocks"] if e["index"] == index)
 
+    @abstractmethod
     def run(self, package: str, function: str, inputs: dict[str, np.ndarray], state: Any = None) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """One call of a package's function (with its state, for stateful flow blocks)."""
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """(1, T) ids and mask → (1, T, D) masked states, through every text-encoder package."""

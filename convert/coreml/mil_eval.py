@@ -20,7 +20,7 @@ import numpy as np
 from .coremltools_api import Program, Var, types
 
 
-class UnsupportedOp(NotImplementedError):
+class UnsupportedOp(ValueError):
     """The evaluator does not know this MIL op."""
 
 
