@@ -237,6 +237,7 @@ def open_pth(path: str | Path) -> dict[str, LazyTensor]:
             pickled = archive.read(root + "data.pkl")
             # torch before 2.1 wrote no byteorder record, and only little-endian data
             byteorder = archive.read(root + "byteorder") if root + "byteorder" in members else b"little"
+    # zipfile raises NotImplementedError for a compression method it cannot inflate
     except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as e:
         raise WeightsError(f"{path} is truncated or corrupt ({e}); download it again") from None
     if byteorder != b"little":
