@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from mlx.utils import tree_flatten
 
-from convert.checkpoint import TensorEntry
-from convert.maps.starflow import official_name
-from convert.pth_writer import save_pth
+from mlx_starflow.convert.checkpoint import TensorEntry
+from mlx_starflow.convert.maps.starflow import official_name
+from mlx_starflow.convert.pth_writer import save_pth
 from mlx_starflow.flow import StarFlow
 
 from .models import REAL_LAYERS, scaled_config
@@ -76,8 +76,8 @@ def run(width: int = 1152) -> str:
         checkpoint = folder / "synthetic.pth"
         (folder / "config.yaml").write_text(YAML.format(width=width, layers=" ".join(map(str, REAL_LAYERS))))
         size, largest = write_checkpoint(checkpoint, width)
-        baseline, _ = _peak_rss_of([sys.executable, "-c", "import app.cli, convert.model, mlx.core"])
-        peak, seconds = _peak_rss_of([sys.executable, "-m", "app.cli", "convert", str(checkpoint),
+        baseline, _ = _peak_rss_of([sys.executable, "-c", "import mlx_starflow.app.cli, mlx_starflow.convert.model, mlx.core"])
+        peak, seconds = _peak_rss_of([sys.executable, "-m", "mlx_starflow.app.cli", "convert", str(checkpoint),
                                       "--config", str(folder / "config.yaml"), "--out", str(folder / "out")])
     gb = 1e9
     return "\n".join([

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from convert.model import convert_model
+from mlx_starflow.convert.model import convert_model
 from mlx_starflow import load_flow
 
 VARIANTS = (

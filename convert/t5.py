@@ -17,9 +17,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tokenizers import Tokenizer
 
-from convert.checkpoint import LazyTensor, TensorEntry, open_checkpoint
-from convert.maps.t5 import map_t5_weights
-from convert.safetensors_io import write_safetensors
+from mlx_starflow.convert.checkpoint import LazyTensor, TensorEntry, open_checkpoint
+from mlx_starflow.convert.maps.t5 import map_t5_weights
+from mlx_starflow.convert.safetensors_io import write_safetensors
 from mlx_starflow.config import DTYPES, T5Config, read_json_object
 from mlx_starflow.errors import ConfigError, ModelNotFound, WeightsError
 from mlx_starflow.model_io import WEIGHTS_FILE, atomic_folder, sha256_file, write_manifest

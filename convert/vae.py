@@ -15,8 +15,8 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from convert.checkpoint import LazyTensor, open_checkpoint
-from convert.maps.vae import MappedTensor, apply, finetuned_to_diffusers
+from mlx_starflow.convert.checkpoint import LazyTensor, open_checkpoint
+from mlx_starflow.convert.maps.vae import MappedTensor, apply, finetuned_to_diffusers
 from mlx_starflow.config import DTYPES, VAEConfig, read_json_object
 from mlx_starflow.errors import ConfigError, ModelNotFound, WeightsError
 from mlx_starflow.model_io import atomic_folder, save_weights, sha256_file, write_manifest

@@ -61,7 +61,7 @@ class Row:
 
 def tiny_fixture_model(fixtures: Path, work: Path) -> Path:
     """The fixture flow, T5 and VAE converted into one model folder."""
-    from convert.model import convert_model
+    from mlx_starflow.convert.model import convert_model
 
     return convert_model(fixtures / "starflow" / "model.pth", fixtures / "starflow" / "config.yaml", work / "tiny",
                          text_encoder=fixtures / "t5", vae=fixtures / "vae")
@@ -78,9 +78,9 @@ def find_model(fixtures: Path | None, work: Path) -> Path:
 
 def prepare(model_dir: Path, export: Path, fixtures: Path | None) -> Check:
     """Export (unless `export` already holds one) and compute every stage's MLX reference."""
-    from convert.coreml.export import export_coreml
-    from convert.coreml.manifest import MANIFEST_FILE, read_manifest
-    from convert.coreml.pipeline import sample
+    from mlx_starflow.convert.coreml.export import export_coreml
+    from mlx_starflow.convert.coreml.manifest import MANIFEST_FILE, read_manifest
+    from mlx_starflow.convert.coreml.pipeline import sample
     from mlx_starflow.flow import load_flow
 
     if not (export / MANIFEST_FILE).is_file():
@@ -190,14 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--units", nargs="+", default=list(COMPUTE_UNITS), choices=COMPUTE_UNITS)
     args = parser.parse_args(argv)
 
-    from convert.coreml.coremltools_api import CoreMLUnavailable, require_prediction
+    from mlx_starflow.convert.coreml.coremltools_api import CoreMLUnavailable, require_prediction
 
     try:
         require_prediction()
     except CoreMLUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    from convert.coreml.backends import CoreMLBackend
+    from mlx_starflow.convert.coreml.backends import CoreMLBackend
 
     fixtures = REPO.parent / "shared" / "fixtures"
     fixtures = fixtures if fixtures.is_dir() and args.model is None else None

@@ -20,9 +20,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from convert.checkpoint import TensorEntry, open_checkpoint
-from convert.pth_writer import TensorView, save_pth, write_pth
-from convert.safetensors_io import open_safetensors, safetensors_metadata, write_safetensors
+from mlx_starflow.convert.checkpoint import TensorEntry, open_checkpoint
+from mlx_starflow.convert.pth_writer import TensorView, save_pth, write_pth
+from mlx_starflow.convert.safetensors_io import open_safetensors, safetensors_metadata, write_safetensors
 from mlx_starflow.errors import ConfigError, ModelNotFound, WeightsError
 
 MiB = 1 << 20

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from app.cli import main
+from mlx_starflow.app.cli import main
 from mlx_starflow import load_flow
 from mlx_starflow.errors import ConfigError
 
@@ -155,8 +155,8 @@ def test_malicious_pickle_is_refused_and_never_runs(sf, tmp_path, capsys):
 
 
 def test_unknown_key_is_listed(sf, tmp_path, capsys):
-    from convert.pth_writer import save_pth
-    from convert.checkpoint import open_checkpoint
+    from mlx_starflow.convert.pth_writer import save_pth
+    from mlx_starflow.convert.checkpoint import open_checkpoint
 
     tensors = {k: t.numpy() for k, t in open_checkpoint(sf / "model.pth").items()}
     tensors["blocks.0.extra_gate.weight"] = tensors["blocks.0.proj_in.weight"]
@@ -168,8 +168,8 @@ def test_unknown_key_is_listed(sf, tmp_path, capsys):
 
 
 def test_wrapper_prefixes_are_stripped(sf, tmp_path, capsys):
-    from convert.pth_writer import save_pth
-    from convert.checkpoint import open_checkpoint
+    from mlx_starflow.convert.pth_writer import save_pth
+    from mlx_starflow.convert.checkpoint import open_checkpoint
 
     tensors = {f"module._orig_mod.{k}": t.numpy() for k, t in open_checkpoint(sf / "model.pth").items()}
     save_pth(tmp_path / "wrapped.pth", tensors)

@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("coremltools", reason="the Core ML export needs the coreml extra: pip install -e '.[coreml]'")
 
-from app.cli import main
-from convert.coreml.export import ExportOptions, export_coreml, image_size
-from convert.model import convert_model
+from mlx_starflow.app.cli import main
+from mlx_starflow.convert.coreml.export import ExportOptions, export_coreml, image_size
+from mlx_starflow.convert.model import convert_model
 from mlx_starflow.config import FlowConfig
 from mlx_starflow.errors import ConfigError
 
@@ -85,7 +85,7 @@ def test_an_existing_output_is_refused_unless_forced(label_model: Path, tmp_path
 
 def test_a_failure_midway_leaves_nothing(label_model: Path, tmp_path: Path, monkeypatch) -> None:
     """An error after a package is written removes the temporary folder and keeps the old output."""
-    from convert.coreml import export
+    from mlx_starflow.convert.coreml import export
 
     out = tmp_path / "export"
     out.mkdir()

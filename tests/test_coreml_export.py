@@ -29,12 +29,12 @@ from mlx.utils import tree_flatten
 
 pytest.importorskip("coremltools", reason="the Core ML export needs the coreml extra: pip install -e '.[coreml]'")
 
-from app.cli import main as cli_main
-from convert.coreml.backends import CoreMLBackend, EvaluatorBackend
-from convert.coreml.coremltools_api import CoreMLUnavailable, ct
-from convert.coreml.export import export_coreml
-from convert.coreml.pipeline import sample
-from convert.model import convert_model
+from mlx_starflow.app.cli import main as cli_main
+from mlx_starflow.convert.coreml.backends import CoreMLBackend, EvaluatorBackend
+from mlx_starflow.convert.coreml.coremltools_api import CoreMLUnavailable, ct
+from mlx_starflow.convert.coreml.export import export_coreml
+from mlx_starflow.convert.coreml.pipeline import sample
+from mlx_starflow.convert.model import convert_model
 from mlx_starflow import load_flow
 from mlx_starflow.vae import load_vae
 from arrays import load, max_abs

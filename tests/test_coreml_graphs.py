@@ -21,18 +21,18 @@ import pytest
 
 pytest.importorskip("coremltools", reason="the Core ML export needs the coreml extra: pip install -e '.[coreml]'")
 
-from convert.coreml import mil_eval
-from convert.coreml.backends import EvaluatorBackend
-from convert.coreml.builder import Ops, build_program, tensor_spec
-from convert.coreml.coremltools_api import load_program, mb
-from convert.coreml.export import export_coreml
-from convert.coreml.flow import BlockPlan, block_programs, cache_names, step_name, updated_name
-from convert.coreml.flow_graph import block_arrays
-from convert.coreml.package import PackageInfo, convert, package_weight_bytes, save_package
-from convert.coreml.pipeline import sample
-from convert.coreml.text_encoder import text_encoder_program
-from convert.coreml.vae import decoder_program, encoder_program
-from convert.model import convert_model
+from mlx_starflow.convert.coreml import mil_eval
+from mlx_starflow.convert.coreml.backends import EvaluatorBackend
+from mlx_starflow.convert.coreml.builder import Ops, build_program, tensor_spec
+from mlx_starflow.convert.coreml.coremltools_api import load_program, mb
+from mlx_starflow.convert.coreml.export import export_coreml
+from mlx_starflow.convert.coreml.flow import BlockPlan, block_programs, cache_names, step_name, updated_name
+from mlx_starflow.convert.coreml.flow_graph import block_arrays
+from mlx_starflow.convert.coreml.package import PackageInfo, convert, package_weight_bytes, save_package
+from mlx_starflow.convert.coreml.pipeline import sample
+from mlx_starflow.convert.coreml.text_encoder import text_encoder_program
+from mlx_starflow.convert.coreml.vae import decoder_program, encoder_program
+from mlx_starflow.convert.model import convert_model
 from mlx_starflow import load_flow
 from mlx_starflow.text_encoder import load_text_encoder
 from mlx_starflow.vae import load_vae

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.cli import main
+from mlx_starflow.app.cli import main
 from mlx_starflow.dataset import load_image_folder
 from mlx_starflow.demo_data import LABELS, classify, label_of, make_images, render, write_demo_data
 

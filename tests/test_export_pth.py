@@ -10,8 +10,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from app.cli import main
-from convert.checkpoint import open_checkpoint
+from mlx_starflow.app.cli import main
+from mlx_starflow.convert.checkpoint import open_checkpoint
 
 
 @pytest.fixture(scope="module")

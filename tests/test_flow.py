@@ -14,7 +14,7 @@ import math
 import mlx.core as mx
 import pytest
 
-from convert.model import convert_model
+from mlx_starflow.convert.model import convert_model
 from mlx_starflow import load_flow
 
 Z_TOL, LOGDET_TOL, LOSS_TOL, SAMPLE_TOL, ROUNDTRIP_TOL, DENOISE_TOL = 1e-4, 1e-5, 1e-5, 2e-4, 1e-4, 1e-4

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import app.commands.generate as generate_command
-import app.commands.score as score_command
-from app.cli import main
+import mlx_starflow.app.commands.generate as generate_command
+import mlx_starflow.app.commands.score as score_command
+from mlx_starflow.app.cli import main
 from mlx_starflow import load
 from mlx_starflow.image import pil_to_uint8
 from mlx_starflow.pipeline import StarFlowPipeline

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main
-from convert import hub
+from mlx_starflow.app.cli import main
+from mlx_starflow.convert import hub
 from mlx_starflow import load
 from mlx_starflow.errors import ModelNotFound
 
@@ -228,7 +228,7 @@ def test_models_home_defaults_to_the_user_cache(monkeypatch, tmp_path):
 
 
 def test_the_shipped_config_is_the_official_3b_model():
-    from convert.official_config import flow_config, read_official_config
+    from mlx_starflow.convert.official_config import flow_config, read_official_config
 
     official = read_official_config(hub.HUB_MODELS["apple/starflow"].config_path())
     config = flow_config(official, txt_dim=2048)

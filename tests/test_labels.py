@@ -3,7 +3,7 @@
 import mlx.core as mx
 import pytest
 
-from convert.model import read_vocab
+from mlx_starflow.convert.model import read_vocab
 from mlx_starflow.config import LabelConfig
 from mlx_starflow.labels import LabelEncoder, UnknownLabel
 

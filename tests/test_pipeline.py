@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from convert.model import convert_model
+from mlx_starflow.convert.model import convert_model
 from mlx_starflow import load
 from mlx_starflow.config import FlowConfig
 from mlx_starflow.errors import ConfigError, ModelNotFound

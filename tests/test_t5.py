@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from convert.t5 import convert_t5
+from mlx_starflow.convert.t5 import convert_t5
 from mlx_starflow.config import T5Config
 from mlx_starflow.errors import ConfigError, WeightsError
 from mlx_starflow.model_io import read_manifest

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import app.commands.train as train_command
-from app.cli import main
-from convert.model import convert_model
-from convert.official_config import flow_config, read_official_config
-from convert.t5 import convert_t5
-from convert.vae import convert_vae
+import mlx_starflow.app.commands.train as train_command
+from mlx_starflow.app.cli import main
+from mlx_starflow.convert.model import convert_model
+from mlx_starflow.convert.official_config import flow_config, read_official_config
+from mlx_starflow.convert.t5 import convert_t5
+from mlx_starflow.convert.vae import convert_vae
 from mlx_starflow import load_flow
 from mlx_starflow.dataset import fit_square, load_image_folder
 from mlx_starflow.demo_data import LABELS, render, write_demo_data

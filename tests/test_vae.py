@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convert.maps.vae import finetuned_to_diffusers
-from convert.vae import convert_finetuned_decoder, convert_vae, read_diffusers_config
+from mlx_starflow.convert.maps.vae import finetuned_to_diffusers
+from mlx_starflow.convert.vae import convert_finetuned_decoder, convert_vae, read_diffusers_config
 from mlx_starflow.config import VAEConfig
 from mlx_starflow.errors import ConfigError, ModelNotFound, StarFlowError, WeightsError
 from mlx_starflow.image import decoded_to_pil, decoded_to_uint8, read_image, uint8_to_model_input

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from convert.model import convert_model
-from convert.official_config import read_official_config
+from mlx_starflow.convert.model import convert_model
+from mlx_starflow.convert.official_config import read_official_config
 
 from ..options import Dtype, Force, Quantize
 from ..progress import tensor_progress

@@ -26,7 +26,7 @@ def export_coreml(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Export a converted model to Core ML without PyTorch (needs coremltools: the coreml extra of mlx-starflow)."""
-    from convert.coreml.export import export_coreml as export
+    from mlx_starflow.convert.coreml.export import export_coreml as export
 
     with tensor_progress("exporting Core ML packages") as progress:
         folder = export(model, out, dtype=dtype, compress=compress, attention=attention, target=target, width=width,

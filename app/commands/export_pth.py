@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from convert.official_export import export_official
+from mlx_starflow.convert.official_export import export_official
 
 
 def export_pth(

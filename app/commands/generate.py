@@ -21,7 +21,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
-from convert.hub import resolve_model
+from mlx_starflow.convert.hub import resolve_model
 from mlx_starflow.errors import InputError, StarFlowError
 from mlx_starflow.image import make_grid, pil_to_uint8, save_png
 from mlx_starflow.labels import load_label_encoder

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from rich.console import Console
 from rich.table import Table
 
-from convert.hub import cached_repos, converted_models, folder_bytes, hub_cache, models_folder
+from mlx_starflow.convert.hub import cached_repos, converted_models, folder_bytes, hub_cache, models_folder
 from mlx_starflow.config import FlowConfig, LabelConfig, T5Config, VAEConfig
 from mlx_starflow.errors import ConfigError
 from mlx_starflow.flow import StarFlow

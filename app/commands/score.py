@@ -14,7 +14,7 @@ import mlx.core as mx
 import typer
 from rich.console import Console
 
-from convert.hub import resolve_model
+from mlx_starflow.convert.hub import resolve_model
 from mlx_starflow.image import fit_image, read_image, uint8_to_model_input
 from mlx_starflow.pipeline import load
 from mlx_starflow.sampling import LOG2_PIXEL_SCALE

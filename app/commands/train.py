@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from convert.official_config import flow_config, read_official_config
+from mlx_starflow.convert.official_config import flow_config, read_official_config
 from mlx_starflow.dataset import CAPTIONS_FILE, ImageData, load_image_folder
 from mlx_starflow.errors import ConfigError
 from mlx_starflow.model_io import sha256_file

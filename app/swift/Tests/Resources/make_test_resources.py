@@ -19,9 +19,9 @@ import json
 import os
 from pathlib import Path
 
-from convert.coreml.coremltools_api import ct, quiet
-from convert.coreml.export import export_coreml
-from convert.model import convert_model
+from mlx_starflow.convert.coreml.coremltools_api import ct, quiet
+from mlx_starflow.convert.coreml.export import export_coreml
+from mlx_starflow.convert.model import convert_model
 
 REPO = Path(__file__).resolve().parents[4]
 FIXTURES = Path(os.environ.get("STARFLOW_FIXTURES", REPO.parent / "shared" / "fixtures")).resolve()
