@@ -16,6 +16,10 @@ CKPT     ?= ckpts/starflow_3B_t2i_256x256.pth
 CONFIG   ?= convert/configs/starflow_3B_t2i_256x256.yaml
 OUT      ?= weights/starflow-3b
 DTYPE    ?= bfloat16
+# the companions `make convert` adds, so OUT is a model `starflow generate` runs; empty: flow only
+TEXT_ENCODER ?= ckpts/flan-t5-xl
+VAE          ?= ckpts/sd-vae-ft-ema
+DECODER      ?=
 # Core ML
 COREML_MODEL ?= weights/demo
 COREML_OUT   ?= weights/coreml/$(notdir $(COREML_MODEL))
@@ -23,10 +27,21 @@ COREML_FLAGS ?=
 # demo model training (Linux development may set BLAS_PRELOAD to a fast BLAS, see README)
 DEMO_DATA    ?= build/demo-data
 DEMO_RUN     ?= build/demo-run
-BLAS_PRELOAD ?=
+# Linux: BLAS=openblas preloads Debian's OpenBLAS (apt-get install libopenblas0-pthread), or
+# BLAS_PRELOAD=path any BLAS library, for demo-model, bench and rehearsal
+BLAS         ?=
+OPENBLAS_LIB ?= /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
+BLAS_PRELOAD ?= $(if $(filter openblas,$(BLAS)),$(OPENBLAS_LIB))
+# bench: ONLY=<sections> (deep overheads jacobi batch sampling memory precision), BENCH_FLAGS for
+# benchmarks/run.py (e.g. --width 1024 --layers 1 for a quick run)
+ONLY         ?=
+BENCH_FLAGS  ?=
+# rehearsal
+SIZE      ?= 64
+REHEARSAL ?= build/rehearsal
 SWIFT_RESOURCES := app/swift/Tests/Resources/make_test_resources.py
 
-.PHONY: setup test test-python test-swift demo demo-model generate convert coreml coreml-check bench clean
+.PHONY: setup test test-python test-swift demo demo-model generate convert coreml coreml-check bench rehearsal clean
 
 $(BASE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,7 +70,8 @@ demo-model: $(BASE)
 	cp -R $(DEMO_RUN)/model weights/demo
 
 convert: $(BASE)
-	$(STARFLOW) convert $(CKPT) --config $(CONFIG) --out $(OUT) --dtype $(DTYPE)
+	$(STARFLOW) convert $(CKPT) --config $(CONFIG) --out $(OUT) --dtype $(DTYPE) \
+		$(if $(TEXT_ENCODER),--text-encoder $(TEXT_ENCODER)) $(if $(VAE),--vae $(VAE)) $(if $(DECODER),--decoder $(DECODER))
 
 test: test-python test-swift
 
@@ -73,7 +89,14 @@ coreml-check: $(DEV)
 	$(PY) scripts/coreml_check.py
 
 bench: $(DEV)
-	$(PY) -m benchmarks.run
+	@test -z "$(BLAS_PRELOAD)" -o -f "$(BLAS_PRELOAD)" || { echo "make bench: $(BLAS_PRELOAD) is missing; install it with: apt-get install libopenblas0-pthread (or set BLAS_PRELOAD to your BLAS library)" >&2; exit 2; }
+	$(if $(BLAS_PRELOAD),LD_PRELOAD=$(BLAS_PRELOAD)) $(PY) -m benchmarks.run $(foreach section,$(ONLY),--only $(section)) $(BENCH_FLAGS)
+
+# A developer tool, not part of `make test`: the first run at full size on synthetic weights
+# (about 20 GB of files and up to ~21 GB of memory; see the README's "Full-size rehearsal").
+# SIZE=256 samples the full 1024-token image; BLAS_PRELOAD as for demo-model.
+rehearsal: $(BASE)
+	$(if $(BLAS_PRELOAD),LD_PRELOAD=$(BLAS_PRELOAD)) nice -n 19 $(PY) scripts/rehearsal.py --size $(SIZE) --out $(REHEARSAL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info app/swift/.build app/swift/Tests/Resources/generated

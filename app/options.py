@@ -12,8 +12,11 @@ from typing import Annotated, Optional
 import typer
 
 from mlx_starflow.config import DTYPES
+from mlx_starflow.errors import InputError
 from mlx_starflow.pipeline import MAX_SEED
 from mlx_starflow.quantization import BITS
+
+from .limits import MAX_IMAGE_SIDE, MAX_IMAGES, check_at_most, check_batch, check_finite, check_image_side
 
 FIRST_RUN_DTYPE = "bfloat16"
 """What a checkpoint or Hub model is converted to on first use: the official sampler runs the
@@ -22,26 +25,42 @@ transformer in bfloat16, which keeps float32's range at half the bytes."""
 
 def _check_dtype(value: str) -> str:
     if value not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {value!r}")
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, not {value!r}")
     return value
 
 
 def _check_quantize(value: Optional[int]) -> Optional[int]:
     if value is not None and value not in BITS:
-        raise ValueError(f"--quantize must be one of {', '.join(map(str, BITS))} (bits), not {value}")
+        raise InputError(f"--quantize must be one of {', '.join(map(str, BITS))} (bits), not {value}")
     return value
 
 
 def _check_seed(value: Optional[int]) -> Optional[int]:
     if value is not None and not 0 <= value <= MAX_SEED:
-        raise ValueError(f"--seed {value} is out of range: seeds are 0 … {MAX_SEED}")
+        raise InputError(f"--seed {value} is out of range: seeds are 0 … {MAX_SEED}")
     return value
 
 
-def _check_side(param: typer.CallbackParam, value: Optional[int]) -> Optional[int]:
+def check_side(param: typer.CallbackParam, value: Optional[int]) -> Optional[int]:
+    """Typer callback: an image side in pixels, within 1 … MAX_IMAGE_SIDE (None: the default)."""
     if value is not None and value < 1:
-        raise ValueError(f"--{param.name} is a size in pixels and must be positive, not {value}")
-    return value
+        raise InputError(f"--{param.name} is a size in pixels and must be positive, not {value}")
+    return value if value is None else check_image_side(f"--{param.name}", value)
+
+
+def check_batch_size(value: Optional[int]) -> Optional[int]:
+    """Typer callback: a batch size within 1 … MAX_BATCH (None: the command's default)."""
+    return value if value is None else check_batch("--batch-size", value)
+
+
+def image_count(param: typer.CallbackParam, value: int) -> int:
+    """Typer callback for a number of images to make (`-n`, frames): within 1 … MAX_IMAGES."""
+    return check_at_most(f"--{param.name.replace('_', '-')}", value, MAX_IMAGES, "images planned per run")
+
+
+def finite(param: typer.CallbackParam, value: Optional[float]) -> Optional[float]:
+    """Typer callback for every float option: NaN and infinities are refused as they are parsed."""
+    return value if value is None else check_finite(f"--{param.name.replace('_', '-')}", value)
 
 
 Model = Annotated[Optional[str], typer.Option(
@@ -58,12 +77,13 @@ Quantize = Annotated[Optional[int], typer.Option(
 Offline = Annotated[bool, typer.Option(
     "--offline", help="Never touch the network: use only the Hugging Face cache and converted models.")]
 Width = Annotated[Optional[int], typer.Option(
-    "--width", "-W", callback=_check_side,
-    help="Image width in pixels, a multiple of the model's VAE factor × patch size (default: the training size).")]
+    "--width", "-W", callback=check_side,
+    help=f"Image width in pixels, a multiple of the model's VAE factor × patch size, at most {MAX_IMAGE_SIDE} "
+         "(a memory limit, see the README; default: the training size).")]
 Height = Annotated[Optional[int], typer.Option(
-    "--height", "-H", callback=_check_side, help="Image height in pixels (same rule as --width).")]
+    "--height", "-H", callback=check_side, help="Image height in pixels (same rule as --width).")]
 Seed = Annotated[Optional[int], typer.Option(
     "--seed", "-s", callback=_check_seed, help=f"Random seed, 0 … {MAX_SEED}: the same seed repeats the same result.")]
 Guidance = Annotated[float, typer.Option(
-    "--guidance", "-g", help="Classifier-free guidance weight; 0 turns it off.")]
+    "--guidance", "-g", callback=finite, help="Classifier-free guidance weight; 0 turns it off.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace existing output instead of stopping.")]

@@ -1,8 +1,9 @@
-"""Sampling speed: one deep-block step (eager vs compiled), and Jacobi vs sequential sampling.
+"""Reduced-width sampling on random weights: Jacobi vs sequential, and the score-step denoise.
 
-Figures are wall time on whatever backend MLX runs on here (the report header names it).
-Jacobi is compared with sequential sampling of the same noise: total transformer passes over
-all blocks, wall time, and the max-abs difference of the final sample.
+The full-width step costs are in `full_width`, Jacobi on trained weights in `jacobi_trained`;
+this section keeps the whole-sampler comparison on the width-scaled 3B layout (every block,
+guidance 3.6): total transformer passes, wall time, and the max-abs difference of the final
+sample from sequential sampling of the same noise.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_starflow.flow import StarFlow
+from mlx_starflow.samplers import Jacobi, Sampler, Sequential
 
 from .models import scaled_config, seeded_flow
 
@@ -26,35 +28,10 @@ def _inputs(flow: StarFlow, guidance: float, seed: int = 1) -> tuple[mx.array, m
     return noise, y
 
 
-def step_latency(flow: StarFlow, rows: int = 2, steps: int = 64) -> dict[str, float]:
-    """Mean seconds per one-token step of the deep block (CFG rows), eager and compiled."""
-    block = flow.blocks[-1]
-    c = flow.config
-    tokens = c.latent_size**2
-    cos, sin = flow._rope(c.latent_size, c.latent_size, c.txt_size)
-    text = mx.zeros((rows, c.txt_size, c.txt_dim))
-    warm = 4
-    steps = min(steps, tokens - warm)
-    result = {}
-    for compiled in (False, True):
-        cache = block.make_cache(rows, c.txt_size + tokens)
-        block.prefill(text, cos, sin, cache)
-        step = flow._make_step(block, cos, sin, compiled)
-        x = mx.zeros((rows, 1, c.token_channels))
-        for t in range(steps + warm):
-            if t == warm:
-                mx.synchronize()
-                start = time.perf_counter()
-            a, b, cache.keys, cache.values = step(x, mx.array([c.txt_size + t], dtype=mx.int32), cache.keys, cache.values)
-            mx.eval(a, b, cache.state)
-        result["compiled" if compiled else "eager"] = (time.perf_counter() - start) / steps
-    return result
-
-
-def _sample(flow: StarFlow, noise, y, guidance, **jacobi) -> tuple[mx.array, int, float]:
+def _sample(flow: StarFlow, noise, y, guidance, sampler: Sampler = Sequential()) -> tuple[mx.array, int, float]:
     start = time.perf_counter()
     passes, output = {}, None
-    for progress in flow.iter_sample(noise, y, guidance=guidance, **jacobi):
+    for progress in flow.iter_sample(noise, y, guidance=guidance, sampler=sampler):
         passes[progress.block] = progress.passes
         if progress.output is not None:
             output = progress.output
@@ -62,14 +39,14 @@ def _sample(flow: StarFlow, noise, y, guidance, **jacobi) -> tuple[mx.array, int
 
 
 def jacobi_vs_sequential(flow: StarFlow, guidance: float = 3.6, block_size: int = 16,
-                         thresholds: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 0.0)) -> list[dict]:
+                         thresholds: tuple[float, ...] = (1e-2, 1e-3, 1e-4)) -> list[dict]:
     noise, y = _inputs(flow, guidance)
     reference, passes, seconds = _sample(flow, noise, y, guidance)
     rows = [{"sampler": "sequential", "passes": passes, "seconds": seconds, "max_diff": 0.0}]
     for threshold in thresholds:
-        sample, passes, seconds = _sample(flow, noise, y, guidance, jacobi=True, jacobi_block_size=block_size,
-                                          jacobi_threshold=threshold, jacobi_max_iter=32)
-        rows.append({"sampler": f"jacobi bs{block_size} th {threshold:g}", "passes": passes, "seconds": seconds,
+        sampler = Jacobi(block_size, threshold, 32)
+        sample, passes, seconds = _sample(flow, noise, y, guidance, sampler)
+        rows.append({"sampler": sampler.describe(), "passes": passes, "seconds": seconds,
                      "max_diff": mx.abs(sample - reference).max().item()})
     return rows
 
@@ -94,23 +71,18 @@ def denoise_memory(flow: StarFlow) -> list[dict]:
     return rows
 
 
-def run(width: int, latent: int) -> str:
+def run(width: int, latent: int) -> tuple[str, dict]:
     flow = seeded_flow(scaled_config(width, latent))
-    lines = [f"### Flow sampling: 3B layout (layers 2,2,2,2,2,24, text 128×2048), width {width}, latent {latent}×{latent}", ""]
-    latency = step_latency(flow)
-    lines += [
-        "| deep-block step, 1 token, 2 CFG rows | ms/token |", "|---|---|",
-        f"| eager | {latency['eager'] * 1e3:.2f} |",
-        f"| mx.compile | {latency['compiled'] * 1e3:.2f} |",
-        f"| compiled speed-up | {latency['eager'] / latency['compiled']:.2f}× |", "",
-        "| sampler (guidance 3.6, all 6 blocks) | model passes | wall s | vs sequential | max diff from sequential |",
-        "|---|---|---|---|---|",
-    ]
+    lines = [f"### Reduced-width sampling on random weights: 3B layout (layers 2,2,2,2,2,24, text 128×2048), "
+             f"width {width}, latent {latent}×{latent}", "",
+             "| sampler (guidance 3.6, all 6 blocks) | model passes | wall s | vs sequential | max diff from sequential |",
+             "|---|---|---|---|---|"]
     rows = jacobi_vs_sequential(flow)
     base = rows[0]["seconds"]
     for r in rows:
         lines.append(f"| {r['sampler']} | {r['passes']} | {r['seconds']:.1f} | {base / r['seconds']:.2f}× | {r['max_diff']:.2e} |")
     lines += ["", "| score-step denoise, 1 image | extra peak memory GB | wall s |", "|---|---|---|"]
-    for r in denoise_memory(flow):
+    denoise = denoise_memory(flow)
+    for r in denoise:
         lines.append(f"| {r['variant']} | {r['gb']:.2f} | {r['seconds']:.1f} |")
-    return "\n".join(lines)
+    return "\n".join(lines), {"reduced_width_sampling": {"width": width, "samplers": rows, "denoise": denoise}}

@@ -29,10 +29,10 @@ def fixtures_dir() -> Path:
     return Path(os.environ.get("STARFLOW_FIXTURES", default))
 
 
-def run() -> str:
+def run() -> tuple[str, dict]:
     sf = fixtures_dir() / "starflow"
     if not (sf / "model.pth").is_file():
-        return f"### Precision: skipped (no fixtures at {sf})"
+        return f"### Precision: skipped (no fixtures at {sf})", {}
     inputs = mx.load(str(sf / "inputs.safetensors"))
     lines = ["### Precision vs float32 (official tiny fixture model, |z| ≤ 7.4, |sample| ≤ 9.2)", "",
              "| weights | forward z max diff | sample g0 max diff | sample g2.5 max diff |", "|---|---|---|---|"]
@@ -45,7 +45,9 @@ def run() -> str:
             return z, flow.sample(inputs["noise"], inputs["y"]), flow.sample(inputs["noise"], inputs["y_cfg"], guidance=2.5)
 
         reference = outputs("float32")
+        record = {}
         for name, options in VARIANTS:
             diffs = [mx.abs(a - b).max().item() for a, b in zip(outputs(name, **options), reference)]
+            record[name] = dict(zip(("forward_z", "sample_g0", "sample_g2.5"), diffs))
             lines.append(f"| {name} | " + " | ".join(f"{d:.2e}" for d in diffs) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines), {"precision_max_diff": record}

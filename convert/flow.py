@@ -6,6 +6,7 @@ quantised), so converting the 3B model needs memory near its largest tensor, not
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,10 +19,14 @@ from mlx_starflow.flow import StarFlow
 from mlx_starflow.model_io import WEIGHTS_FILE, write_manifest
 from mlx_starflow.quantization import GROUP_SIZE, is_quantized_layer
 
-from .checkpoint import LazyTensor, TensorEntry, open_checkpoint
+from .checkpoint import open_checkpoint
+from .maps.rules import prefixes
 from .maps.starflow import map_names, strip_wrappers
 from .official_config import OfficialConfig, flow_config
 from .safetensors_io import write_safetensors
+from .tensors import LazyTensor, TensorEntry, check_weight_dtypes, finite_weight
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -68,8 +73,11 @@ def write_flow(folder: Path, src: Path, source_sha256: str, official: OfficialCo
     config = flow_config(official, txt_dim=txt_dim, dtype=dtype, quantization=quantization)
     plain = FlowConfig.from_dict({**config.to_dict(), "quantization": None})
     expected = _expected_shapes(plain)
-    mapping = map_names(tensors, expected)
+    matched = map_names(tensors, expected)
+    _warn_dropped(src, matched.dropped)
+    mapping = matched.keys()
     check_shapes(mapping, tensors, expected)
+    check_weight_dtypes((tensors[key] for key in mapping.values()), src)
     quantized = _quantized_paths(plain) if quantize else set()
     target = DTYPES[dtype]
 
@@ -78,14 +86,22 @@ def write_flow(folder: Path, src: Path, source_sha256: str, official: OfficialCo
         source = tensors[mapping[ours]]
         path, leaf = ours.rsplit(".", 1)
         if path in quantized and leaf == "weight":
-            entries += _quantized_entries(ours, source, dtype, quantize)
+            entries += _quantized_entries(ours, source, dtype, quantize, src)
         else:
-            entries.append(TensorEntry(ours, dtype, tuple(source.shape), _cast(source, target)))
+            entries.append(TensorEntry(ours, dtype, tuple(source.shape), _cast(source, target, src)))
     write_safetensors(folder / WEIGHTS_FILE, _reporting(entries, progress))
     config.save(folder)
+    extra = {"dropped_keys": list(matched.dropped)} if matched.dropped else {}
     write_manifest(folder, FlowConfig.KIND, sources=[{"path": str(src), "sha256": source_sha256}],
-                   config_source=str(official.path))
+                   config_source=str(official.path), **extra)
     return config
+
+
+def _warn_dropped(src: Path, dropped: tuple[str, ...]) -> None:
+    """One line for the keys outside the flow that the official loader (strict=False) ignores too."""
+    if dropped:
+        logger.warning("%s: dropped %d key%s outside the flow's weights (under %s), as the official loader ignores them",
+                       src, len(dropped), "" if len(dropped) == 1 else "s", ", ".join(prefixes(dropped)))
 
 
 def _reporting(entries: list[TensorEntry], progress: Callable[[int, int], None] | None) -> list[TensorEntry]:
@@ -103,18 +119,18 @@ def _reporting(entries: list[TensorEntry], progress: Callable[[int, int], None] 
     return [entry._replace(producer=reported(i, entry.producer)) for i, entry in enumerate(entries)]
 
 
-def _cast(source: LazyTensor, target: mx.Dtype) -> Callable[[], mx.array]:
-    return lambda: source.mlx().astype(target)
+def _cast(source: LazyTensor, target: mx.Dtype, src: Path) -> Callable[[], mx.array]:
+    return lambda: finite_weight(source, src).astype(target)
 
 
-def _quantized_entries(name: str, source: LazyTensor, dtype: str, bits: int) -> list[TensorEntry]:
+def _quantized_entries(name: str, source: LazyTensor, dtype: str, bits: int, src: Path) -> list[TensorEntry]:
     """(weight, scales, biases) of one linear, quantised once and shared by the three producers."""
     memo: dict[str, mx.array] = {}
 
     def part(index: int) -> Callable[[], mx.array]:
         def produce() -> mx.array:
             if not memo:
-                q, scales, biases = mx.quantize(source.mlx().astype(DTYPES[dtype]), group_size=GROUP_SIZE, bits=bits)
+                q, scales, biases = mx.quantize(finite_weight(source, src).astype(DTYPES[dtype]), group_size=GROUP_SIZE, bits=bits)
                 memo.update(weight=q, scales=scales, biases=biases)
             return memo.pop(("weight", "scales", "biases")[index])
         return produce

@@ -11,23 +11,23 @@ redone, and a finished one is reused without touching the network.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import json
 import logging
 import os
 import re
+import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mlx_starflow.config import FlowConfig, LabelConfig, T5Config, VAEConfig
-from mlx_starflow.errors import ConfigError, ModelNotFound, StarFlowError
-from mlx_starflow.model_io import MODEL_KIND, read_manifest, sha256_file
+from mlx_starflow.errors import ConfigError, InputError, ModelNotFound, StarFlowError
+from mlx_starflow.model_folder import read_model_folder
+from mlx_starflow.model_io import folder_kind, sha256_file
 
-from .checkpoint import atomic_file
+from .tensors import atomic_file
 from .model import convert_model
 from .official_config import read_official_config
 
@@ -45,49 +45,51 @@ LICENCE_NOTICE = (
 class RepoFiles:
     """What the app needs from one Hugging Face repository.
 
-    Every `required` file; one complete weight layout from `layouts`, the first available
-    preferred (a layout is a set of glob patterns; an `.index.json` also needs the shards it
-    names); `optional` files when the repository has them.
+    Every `required` file, then the first of `layouts` the repository has (a layout is a tuple
+    of file names; an `.index.json` brings the shards it names, only those holding a tensor
+    under `needed_keys` when that is set); failing those, the one file whose name matches
+    `pick`; `optional` files when the repository has them. `expected` lists the files the real
+    repository gives today, for the hand-download command of the offline message.
     """
 
     repo_id: str
     required: tuple[str, ...]
     layouts: tuple[tuple[str, ...], ...] = ()
+    needed_keys: tuple[str, ...] = ()
+    pick: str | None = None
     optional: tuple[str, ...] = ()
+    expected: tuple[str, ...] = ()
     licence: str | None = None
 
-    def describe(self) -> str:
-        """The files in words, for messages that say what to download."""
-        names = list(self.required)
-        if self.layouts:
-            names.append(" + ".join(self.layouts[0]) + (" (or another weight layout)" if len(self.layouts) > 1 else ""))
-        return ", ".join(names)
-
     def download_command(self) -> str:
-        patterns = [*self.required, *(self.layouts[0] if self.layouts else ())]
-        return f"hf download {self.repo_id} " + " ".join(f"'{p}'" if "*" in p else p for p in patterns)
+        return f"hf download {self.repo_id} " + " ".join(self.expected)
 
 
-# The exact file names in apple/starflow could not be confirmed offline: the official README
-# names the text-to-image checkpoint `starflow_3B_t2i_256x256.pth`. If the repository names
-# it differently, this table (and HUB_MODELS below) is the one thing to edit.
+# The file names of the real repositories, as listed on huggingface.co. apple/starflow's
+# text-to-image checkpoint is the name the official README gives; should the repository name
+# it otherwise, `pick` finds it by pattern.
 HUB_FILES: dict[str, RepoFiles] = {
-    "apple/starflow": RepoFiles("apple/starflow", required=("starflow_3B_t2i_256x256.pth",), licence=LICENCE_NOTICE),
+    "apple/starflow": RepoFiles(
+        "apple/starflow",
+        required=(),
+        layouts=(("starflow_3B_t2i_256x256.pth",),),
+        pick=r"(?i)^(?!.*(t2v|starflow[-_]v)).*t2i.*\.(pth|pt|safetensors)$",
+        expected=("starflow_3B_t2i_256x256.pth",),
+        licence=LICENCE_NOTICE,
+    ),
     "google/flan-t5-xl": RepoFiles(
         "google/flan-t5-xl",
         required=("config.json", "tokenizer.json"),
-        layouts=(
-            ("model.safetensors",),
-            ("model.safetensors.index.json", "model-*-of-*.safetensors"),
-            ("pytorch_model.bin",),
-            ("pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"),
-        ),
+        layouts=(("model.safetensors.index.json",), ("model.safetensors",), ("pytorch_model.bin.index.json",), ("pytorch_model.bin",)),
+        needed_keys=("encoder.", "shared."),
         optional=("tokenizer_config.json", "special_tokens_map.json", "spiece.model"),
+        expected=("config.json", "tokenizer.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors"),
     ),
     "stabilityai/sd-vae-ft-ema": RepoFiles(
         "stabilityai/sd-vae-ft-ema",
         required=("config.json",),
         layouts=(("diffusion_pytorch_model.safetensors",), ("diffusion_pytorch_model.bin",)),
+        expected=("config.json", "diffusion_pytorch_model.safetensors"),
     ),
 }
 
@@ -106,7 +108,7 @@ class HubModel:
         return Path(self.checkpoint).stem
 
     def config_path(self) -> Path:
-        return Path(str(resources.files("convert") / "configs" / self.config))
+        return Path(str(resources.files(__package__) / "configs" / self.config))
 
 
 HUB_MODELS: dict[str, HubModel] = {
@@ -153,58 +155,89 @@ def converted_name(name: str, sha256: str, dtype: str, quantize: int | None) -> 
     return f"{name}-{sha256[:12]}-{dtype}" + (f"-q{quantize}" if quantize else "")
 
 
-# ---- the Hugging Face cache -------------------------------------------------------------------
+# ---- which files, in a listing or a snapshot ----------------------------------------------------
 
-def complete_layout(folder: Path, files: RepoFiles) -> tuple[str, ...] | None:
-    """The first weight layout present in full in `folder` (() when none is needed), else None."""
-    if not all((folder / name).is_file() for name in files.required):
+ReadIndex = Callable[[str], Any]
+"""Reads an `.index.json` of the repository by name (from the snapshot, or downloaded first)."""
+
+
+def select_files(files: RepoFiles, names: Collection[str], read_index: ReadIndex) -> list[str] | None:
+    """The files to use out of `names` (a repository listing, or a snapshot's files): the
+    required ones and one weight layout, or None when `names` lacks them."""
+    if not all(name in names for name in files.required):
         return None
-    if not files.layouts:
-        return ()
+    if not files.layouts and files.pick is None:
+        return list(files.required)
     for layout in files.layouts:
-        if all(_layout_part_present(folder, pattern) for pattern in layout):
-            return layout
-    return None
+        chosen = _layout_files(layout, names, files.needed_keys, read_index)
+        if chosen is not None:
+            return [*files.required, *chosen]
+    picked = picked_files(files, names)
+    return [*files.required, picked[0]] if len(picked) == 1 else None
 
 
-def _layout_part_present(folder: Path, pattern: str) -> bool:
-    matches = [path for path in folder.glob(pattern) if path.is_file()]
-    if not matches:
-        return False
-    for index in (path for path in matches if path.name.endswith(".index.json")):
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return False
-        if not all((folder / shard).is_file() for shard in shards):
-            return False
-    return True
+def picked_files(files: RepoFiles, names: Collection[str]) -> list[str]:
+    """The names matching the table's pattern for the weight file (several: ambiguous)."""
+    return sorted(name for name in names if files.pick and re.match(files.pick, name))
+
+
+def _layout_files(layout: tuple[str, ...], names: Collection[str], needed_keys: tuple[str, ...],
+                  read_index: ReadIndex) -> list[str] | None:
+    chosen: list[str] = []
+    for name in layout:
+        if name not in names:
+            return None
+        chosen.append(name)
+        if name.endswith(".index.json"):
+            shards = index_shards(read_index(name), needed_keys)
+            if shards is None or not all(shard in names for shard in shards):
+                return None
+            chosen += shards
+    return chosen
+
+
+def index_shards(index: Any, needed_keys: tuple[str, ...]) -> list[str] | None:
+    """The shards a Hugging Face index names for the tensors under `needed_keys` (all when
+    empty), in order; None for an index that is not one."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) and Path(shard).name == shard for shard in weight_map.values()):
+        return None
+    shards = [shard for key, shard in weight_map.items() if not needed_keys or str(key).startswith(needed_keys)]
+    return list(dict.fromkeys(shards)) or None
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The cache's snapshot folder of the repository's `refs/main` revision, read from disk
+    (no huggingface_hub import, no network: an offline answer comes at once)."""
+    base = hub_cache() / f"models--{repo_id.replace('/', '--')}"
+    try:
+        revision = (base / "refs" / "main").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    snapshot = base / "snapshots" / revision
+    return snapshot if revision and "/" not in revision and snapshot.is_dir() else None
+
+
+def local_files(folder: Path, files: RepoFiles) -> list[str] | None:
+    """The files of `files` a local folder (a snapshot or the user's own) holds in full, else None."""
+    names = {path.name for path in folder.iterdir() if path.is_file()} if folder.is_dir() else set()
+    return select_files(files, names, lambda name: _read_json(folder / name))
 
 
 def local_snapshot(files: RepoFiles) -> Path | None:
-    """The cached snapshot of `files.repo_id` (its `refs/main` revision) if it holds everything needed.
-
-    Only the required files are named to huggingface_hub: it checks a snapshot against every file
-    the patterns match in the repository, and a download fetched one weight layout, not all;
-    the layout is checked here.
-    """
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(snapshot_download(files.repo_id, cache_dir=hub_cache(), local_files_only=True,
-                                        allow_patterns=list(files.required)))
-    except (OSError, ValueError):  # not cached, partly cached, or a name the cache cannot hold: not here
-        return None
-    return folder if complete_layout(folder, files) is not None else None
+    """The cached snapshot of `files.repo_id` if it holds everything the app needs from it."""
+    folder = cached_snapshot(files.repo_id)
+    return folder if folder is not None and local_files(folder, files) is not None else None
 
 
 def download(files: RepoFiles, notify: Notify, still_missing: list[RepoFiles] | None = None) -> Path:
-    """Download what `files` needs into the Hugging Face cache, choosing the weight layout the repository has.
+    """Download what `files` needs into the Hugging Face cache: the repository's listing
+    first, then an index (to fetch only the shards needed), then the chosen files.
 
     A failure names every repository still missing (`still_missing`, default this one) and how
     to fetch them by hand.
     """
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     cache = hub_cache()
@@ -214,8 +247,14 @@ def download(files: RepoFiles, notify: Notify, still_missing: list[RepoFiles] | 
     try:
         with _quiet_retries():
             listing = HfApi().list_repo_files(files.repo_id)
-            layout = _first_available_layout(files, listing)
-            patterns = [*files.required, *layout, *(name for name in files.optional if name in listing)]
+
+            def read_index(name: str) -> Any:
+                return _read_json(Path(hf_hub_download(files.repo_id, name, cache_dir=cache)))
+
+            chosen = select_files(files, listing, read_index)
+            if chosen is None:
+                raise ModelNotFound(_unusable_listing(files, listing))
+            patterns = [*chosen, *(name for name in files.optional if name in listing)]
             folder = Path(snapshot_download(files.repo_id, cache_dir=cache, allow_patterns=patterns))
     except GatedRepoError:
         raise ModelNotFound(
@@ -228,16 +267,20 @@ def download(files: RepoFiles, notify: Notify, still_missing: list[RepoFiles] | 
         raise
     except Exception as error:  # network and hub failures come as many types; each becomes one actionable line
         reason = (str(error).strip().splitlines() or [""])[0]
-        missing = still_missing or [files]
-        wanted = "; ".join(f"{other.repo_id}: {other.describe()}" for other in missing)
-        commands = " && ".join(other.download_command() for other in missing)
-        raise ModelNotFound(
-            f"could not download {files.repo_id} ({type(error).__name__}: {reason}); run again with a connection, or fetch "
-            f"{wanted} with `{commands}` (into {cache}) and run with --offline"
-        ) from None
-    if complete_layout(folder, files) is None:
-        raise ModelNotFound(f"the download of {files.repo_id} into {folder} is incomplete: it needs {files.describe()}; run again")
+        raise ModelNotFound(f"could not download {files.repo_id} ({type(error).__name__}: {reason}); run again with a connection, "
+                            f"or fetch by hand into {cache} and run with --offline:\n" + _fetch_by_hand(still_missing or [files])) from None
+    if local_files(folder, files) is None:
+        raise ModelNotFound(f"the download of {files.repo_id} into {folder} is incomplete; run again")
     return folder
+
+
+def _unusable_listing(files: RepoFiles, listing: list[str]) -> str:
+    """Why a repository's files do not do: the candidates found, or the files it has."""
+    picked = picked_files(files, listing)
+    if len(picked) > 1:
+        return f"{files.repo_id} holds several text-to-image checkpoints ({', '.join(picked)}); download the one you want and pass it with --model FILE"
+    shown = ", ".join(sorted(listing)[:20]) + (f", … {len(listing)} in all" if len(listing) > 20 else "")
+    return f"{files.repo_id} has none of the files this app reads (it has {shown}); pass local files with --model/--text-encoder/--vae"
 
 
 @contextlib.contextmanager
@@ -254,25 +297,15 @@ def _quiet_retries() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _first_available_layout(files: RepoFiles, listing: list[str]) -> tuple[str, ...]:
-    missing = [name for name in files.required if name not in listing]
-    if missing:
-        raise ModelNotFound(f"{files.repo_id} has no {', '.join(missing)}; the file table in convert/hub.py needs updating")
-    if not files.layouts:
-        return ()
-    for layout in files.layouts:
-        if all(fnmatch.filter(listing, pattern) for pattern in layout):
-            return layout
-    raise ModelNotFound(f"{files.repo_id} has none of the weight layouts this app reads ({files.layouts}); the file table in convert/hub.py needs updating")
+def _fetch_by_hand(missing: list[RepoFiles]) -> str:
+    return "\n".join(files.download_command() for files in missing)
 
 
 def offline_message(missing: list[RepoFiles]) -> str:
-    wanted = "; ".join(f"{files.repo_id}: {files.describe()}" for files in missing)
-    commands = " && ".join(files.download_command() for files in missing)
-    return (
-        f"offline and not in the Hugging Face cache at {hub_cache()}: {wanted}. Download them once with a connection "
-        f"(`{commands}`, or HF_HUB_CACHE=<folder> for another cache), or give a converted model folder with --model"
-    )
+    """One line that says what is missing and the ways out, then one `hf download` command per repository."""
+    names = ", ".join(files.repo_id for files in missing)
+    return (f"offline, and the Hugging Face cache at {hub_cache()} lacks {names}: run once with a connection, pass local "
+            f"files (--model FILE, --text-encoder DIR, --vae DIR), or fetch them by hand:\n" + _fetch_by_hand(missing))
 
 
 # ---- checkpoint digests -----------------------------------------------------------------------
@@ -308,6 +341,10 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 # ---- resolving --model ------------------------------------------------------------------------
 
+COMPANION_ROLES = ("text_encoder", "vae")
+"""The official YAML's companion repositories (`text:`, `vae:`), by the option that replaces each."""
+
+
 def resolve_model(
     model: str | None,
     dtype: str = "bfloat16",
@@ -315,100 +352,138 @@ def resolve_model(
     offline: bool = False,
     notify: Notify = lambda message: None,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    text_encoder: str | Path | None = None,
+    vae: str | Path | None = None,
+    decoder: str | Path | None = None,
 ) -> Path:
     """A converted model folder for `--model`: a converted folder as it is; a checkpoint file or
     a known repository id (default apple/starflow) fetched, converted once, and reused.
 
     A checkpoint file is converted with the shipped config of the default model. `dtype` and
-    `quantize` apply when converting; they are part of the converted folder's key.
+    `quantize` apply when converting; they are part of the converted folder's key. Local
+    `text_encoder` / `vae` folders replace the cached repositories, and `decoder` adds the
+    fine-tuned decoder, so a run needs no cache at all.
     """
     model = model or DEFAULT_MODEL
     offline = offline_requested(offline)
+    local = {"text_encoder": text_encoder, "vae": vae, "decoder": decoder}
     path = Path(model).expanduser()
     if path.is_dir():
+        given = [f"--{role.replace('_', '-')}" for role, value in local.items() if value is not None]
+        if given:
+            raise InputError(f"{path} is a converted model folder; {', '.join(given)} apply only when converting a checkpoint (--model FILE)")
         return path
+    parts = {role: _local_part(role, value) for role, value in local.items() if value is not None}
     if path.is_file():
         config = HUB_MODELS[DEFAULT_MODEL].config_path()
-        return _converted(path.stem, config, path, dtype, quantize, offline, notify, progress)
+        return _converted(path.stem, config, path, dtype, quantize, offline, notify, progress, parts)
     if REPO_ID.match(model):
         if model not in HUB_MODELS:
             raise ModelNotFound(
                 f"{model!r} is neither a folder here nor a repository this app can convert ({', '.join(HUB_MODELS)}); "
                 "pass a converted model folder or an official checkpoint file"
             )
-        return _hub_model(HUB_MODELS[model], dtype, quantize, offline, notify, progress)
+        return _hub_model(HUB_MODELS[model], dtype, quantize, offline, notify, progress, parts)
     raise ModelNotFound(f"no model at {model}; pass a converted model folder, an official checkpoint file, or {DEFAULT_MODEL}")
 
 
+def _local_part(role: str, value: str | Path) -> Path:
+    """A user's local component, checked to exist (and, for the companions, to hold a usable layout)."""
+    path = Path(value).expanduser()
+    flag = f"--{role.replace('_', '-')}"
+    if not path.exists():
+        raise ModelNotFound(f"{flag} {path} does not exist; pass the folder (for --decoder, the file or folder) that holds it")
+    official = read_official_config(HUB_MODELS[DEFAULT_MODEL].config_path())
+    repo_id = {"text_encoder": official.text_encoder, "vae": official.vae}.get(role)
+    if repo_id in HUB_FILES and local_files(path, HUB_FILES[repo_id]) is None:
+        raise ModelNotFound(f"{flag} {path} lacks the files of a {repo_id} folder; it needs {' '.join(HUB_FILES[repo_id].expected)} (or another weight layout)")
+    return path
+
+
+def checkpoint_file(snapshot: Path, files: RepoFiles) -> Path:
+    """The weight file the table selects in a complete snapshot of the checkpoint repository."""
+    chosen = local_files(snapshot, files)
+    if not chosen:
+        raise ModelNotFound(f"{snapshot} holds no checkpoint of {files.repo_id}; run again with a connection")
+    return snapshot / chosen[-1]
+
+
 def _hub_model(hub_model: HubModel, dtype: str, quantize: int | None, offline: bool, notify: Notify,
-               progress: Callable[[int, int], None] | None) -> Path:
+               progress: Callable[[int, int], None] | None, parts: dict[str, Path]) -> Path:
     files = HUB_FILES[hub_model.repo_id]
     config = hub_model.config_path()
-    checkpoint_folder = local_snapshot(files)
-    if checkpoint_folder is None:
-        missing = [files, *(other for other in companions(config) if local_snapshot(other) is None)]
+    snapshot = local_snapshot(files)
+    if snapshot is None:
+        missing = [files, *(other for role, other in companions(config) if role not in parts and local_snapshot(other) is None)]
         if offline:
             existing = find_converted(hub_model.name, dtype, quantize)
             if existing is not None:
                 return existing
             raise ModelNotFound(offline_message(missing))
-        checkpoint_folder = download(files, notify, missing)
-    return _converted(hub_model.name, config, checkpoint_folder / hub_model.checkpoint, dtype, quantize, offline, notify, progress)
+        snapshot = download(files, notify, missing)
+    return _converted(hub_model.name, config, checkpoint_file(snapshot, files), dtype, quantize, offline, notify, progress, parts)
 
 
-def companions(config: Path) -> list[RepoFiles]:
+def companions(config: Path) -> list[tuple[str, RepoFiles]]:
     """The text-encoder and VAE repositories an official YAML names (`text:`, `vae:`), from the file table."""
     official = read_official_config(config)
     found = []
-    for repo_id in (official.text_encoder, official.vae):
+    for role, repo_id in zip(COMPANION_ROLES, (official.text_encoder, official.vae)):
         if repo_id is None:
             continue
         if repo_id not in HUB_FILES:
             raise ConfigError(f"{config.name} names {repo_id}, which the file table in convert/hub.py does not list")
-        found.append(HUB_FILES[repo_id])
+        found.append((role, HUB_FILES[repo_id]))
     return found
 
 
 def _converted(name: str, config: Path, checkpoint: Path, dtype: str, quantize: int | None, offline: bool,
-               notify: Notify, progress: Callable[[int, int], None] | None) -> Path:
+               notify: Notify, progress: Callable[[int, int], None] | None, parts: dict[str, Path]) -> Path:
     """The converted folder for this checkpoint, dtype and quantisation: reused when current, else (re)made."""
+    needed = companions(config)
+    folders = {role: parts.get(role) or local_snapshot(files) for role, files in needed}
+    missing = [files for role, files in needed if folders[role] is None]
+    if missing and offline:
+        existing = _conversion_of(name, checkpoint, dtype, quantize)
+        if existing is not None and is_current(existing, None):
+            return existing
+        raise ModelNotFound(offline_message(missing))
+    for index, (role, files) in enumerate((role, files) for role, files in needed if folders[role] is None):
+        folders[role] = download(files, notify, missing[index:])
     sha256 = checkpoint_digest(checkpoint)
     out = models_folder() / converted_name(name, sha256, dtype, quantize)
-    folders = {files.repo_id: local_snapshot(files) for files in companions(config)}
-    missing = [HUB_FILES[repo_id] for repo_id, folder in folders.items() if folder is None]
-    if missing and offline:
-        if is_current(out, None):
-            return out
-        raise ModelNotFound(offline_message(missing))
-    for index, files in enumerate(missing):
-        folders[files.repo_id] = download(files, notify, missing[index:])
-    origin = {"checkpoint_sha256": sha256, **{repo_id: folder.name for repo_id, folder in folders.items()}}
+    origin = {"checkpoint_sha256": sha256}
+    for role, files in needed:
+        origin[files.repo_id] = f"local {parts[role].resolve()}" if role in parts else folders[role].name
+    if "decoder" in parts:
+        origin["decoder"] = f"local {parts['decoder'].resolve()}"
     if is_current(out, origin):
         return out
     notify(f"converting {name} ({dtype}{f', {quantize}-bit' if quantize else ''}) once into {out}")
-    official = read_official_config(config)
+    if out.is_dir() and not out.is_symlink() and folder_kind(out) is None:
+        shutil.rmtree(out)  # a conversion of ours in our own models folder that lost its manifest: stale
     convert_model(
         checkpoint, config, out, dtype=dtype, quantize=quantize, force=out.exists(),
-        text_encoder=folders.get(official.text_encoder) if official.text_encoder else None,
-        vae=folders.get(official.vae) if official.vae else None,
+        text_encoder=folders.get("text_encoder"), vae=folders.get("vae"), decoder=parts.get("decoder"),
         name=name, source_sha256=sha256, origin=origin, progress=progress,
     )
     return out
 
 
-_COMPONENT_CONFIGS = {"flow": FlowConfig, "text_encoder": T5Config, "labels": LabelConfig, "vae": VAEConfig, "decoder": VAEConfig}
+def _conversion_of(name: str, checkpoint: Path, dtype: str, quantize: int | None) -> Path | None:
+    """An existing conversion of this checkpoint; the checkpoint is hashed only when one of its name may exist."""
+    if find_converted(name, dtype, quantize) is None:
+        return None
+    out = models_folder() / converted_name(name, checkpoint_digest(checkpoint), dtype, quantize)
+    return out if out.is_dir() else None
 
 
 def is_current(folder: Path, origin: dict[str, str] | None) -> bool:
     """Whether `folder` is a complete conversion readable by this version (of `origin`, when given)."""
     try:
-        manifest = read_manifest(folder)
-        if manifest.get("kind") != MODEL_KIND:
-            return False
-        for component in manifest.get("components", []):
-            read_manifest(folder / component)
-            _COMPONENT_CONFIGS[component].load(folder / component)
-    except (StarFlowError, KeyError, OSError, ValueError):
+        manifest = read_model_folder(folder).manifest
+    except (StarFlowError, OSError):
         return False
     if origin is None:
         return "origin" in manifest

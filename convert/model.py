@@ -11,14 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from mlx_starflow.config import FlowConfig, LabelConfig, T5Config, VAEConfig
-from mlx_starflow.errors import ConfigError, ModelNotFound
+from mlx_starflow.config import DTYPES, FlowConfig, LabelConfig, T5Config, VAEConfig
+from mlx_starflow.errors import ConfigError, ModelNotFound, OutputExists
 from mlx_starflow.model_io import atomic_folder, read_manifest, sha256_file, write_manifest
 from mlx_starflow.model_io import MODEL_KIND
 
 from .flow import write_flow
-from .official_config import OfficialConfig, read_official_config
+from .official_config import OfficialConfig, flow_config, read_official_config
 from .t5 import convert_t5
+from .tensors import check_regular_file
 from .vae import convert_finetuned_decoder, convert_vae
 
 VAE_DTYPE = "float32"
@@ -61,10 +62,9 @@ def write_labels(folder: Path, vocab: Path, txt_dim: int) -> LabelConfig:
     return config
 
 
-def text_encoder_dtype(flow_dtype: str) -> str:
-    """T5 runs in the flow's dtype, except float16 → bfloat16: T5's feed-forward activations
-    overflow float16 (transformers keeps T5's `wo` in float32 for that reason)."""
-    return "bfloat16" if flow_dtype == "float16" else flow_dtype
+TEXT_ENCODER_DTYPE = "float32"
+"""The official sampler runs flan-t5-xl in float32 whatever the flow's dtype; it encodes once per
+prompt and is released before sampling, so float32 costs no peak memory."""
 
 
 def convert_model(
@@ -78,6 +78,7 @@ def convert_model(
     text_encoder: str | Path | None = None,
     vae: str | Path | None = None,
     decoder: str | Path | None = None,
+    text_encoder_dtype: str = TEXT_ENCODER_DTYPE,
     name: str | None = None,
     source_sha256: str | None = None,
     origin: dict[str, str] | None = None,
@@ -87,7 +88,8 @@ def convert_model(
 
     Label-conditioned configs (`text: NAME.vocab`) get their `labels/` component. Text models
     get `text_encoder/` from a Hugging Face T5 folder (`text_encoder`) and `vae/` from a
-    diffusers VAE folder (`vae`); without them the folder holds the flow alone, which
+    diffusers VAE folder (`vae`), the encoder in `text_encoder_dtype` (float16 overflows
+    T5's feed-forward activations; prefer bfloat16 to save memory); without them the folder holds the flow alone, which
     `load_flow` reads but `mlx_starflow.load` refuses. `decoder` adds STARFlow's fine-tuned
     noisy-latent decoder (`pytorch_model.bin` or a `finetune_decoder.py` .pth). `source_sha256`
     spares hashing a checkpoint whose digest the caller already knows; `origin` is recorded in
@@ -96,19 +98,23 @@ def convert_model(
     src, out = Path(src), Path(out)
     if not src.exists():
         raise ModelNotFound(f"checkpoint {src} does not exist; pass the official .pth (or .safetensors) file")
+    check_regular_file(src)
     official = read_official_config(config)
     check_components(official, text_encoder, vae, decoder)
+    flow_config(official, txt_dim=1, dtype=dtype)  # range checks, before the checkpoint is hashed
+    if text_encoder_dtype not in DTYPES:
+        raise ConfigError(f"text encoder dtype must be one of {', '.join(DTYPES)}, not {text_encoder_dtype!r}")
     if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+        raise OutputExists(f"{out} already exists; pass --force to replace it")
     sources = [{"path": str(src.resolve()), "sha256": source_sha256 or sha256_file(src)}]
-    with atomic_folder(out, force=force) as tmp:
+    with atomic_folder(out, force=force, kind=MODEL_KIND) as tmp:
         flow = write_flow(tmp / "flow", src, sources[0]["sha256"], official, dtype=dtype, quantize=quantize, progress=progress)
         components = ["flow"]
         if official.is_label_model:
             write_labels(tmp / "labels", find_vocab(official, labels), flow.txt_dim)
             components.append("labels")
         if text_encoder is not None:
-            convert_t5(text_encoder, tmp / "text_encoder", dtype=text_encoder_dtype(dtype))
+            convert_t5(text_encoder, tmp / "text_encoder", dtype=text_encoder_dtype)
             check_text_width(tmp / "text_encoder", flow)
             components.append("text_encoder")
         if vae is not None:

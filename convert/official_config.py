@@ -8,13 +8,14 @@ pixels when a VAE is configured (`sample.py` divides it by the VAE factor).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mlx_starflow.config import FlowConfig
+from mlx_starflow.config import MAX_LAYERS, MAX_TOKENS, MAX_WIDTH, FlowConfig
 from mlx_starflow.errors import ConfigError
 
 # Parser defaults of the official `train.get_tarflow_parser()` for the keys that shape the model.
@@ -72,15 +73,31 @@ class OfficialConfig:
         return self.args.get("vae")
 
 
+MAX_YAML_BYTES = 1 << 20
+"""The official configs are about 1 KB."""
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _is_plain(value: Any) -> bool:
+    """A scalar, or a short list of scalars (`layers_per_block`): nothing whose str() could explode."""
+    return isinstance(value, _SCALARS) or (isinstance(value, list) and len(value) <= MAX_LAYERS and all(isinstance(v, _SCALARS) for v in value))
+
+
 def read_official_config(path: str | Path) -> OfficialConfig:
     """Parse an official YAML config; unknown keys are an error (the official parser rejects them too)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config {path} does not exist; pass the official YAML (e.g. configs/starflow_3B_t2i_256x256.yaml)")
+    if not path.is_file():
+        raise ConfigError(f"config {path} is not a regular file; pass the official YAML file itself")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"config {path} has {path.stat().st_size} bytes, more than the {MAX_YAML_BYTES >> 10} KB an official config may hold")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} nests too deeply to be an official config (an `arguments:` list of `key: value`)") from None
     entries = data.get("arguments") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"{path} is not an official STARFlow config: it needs an 'arguments:' list of 'key: value' entries")
@@ -89,61 +106,131 @@ def read_official_config(path: str | Path) -> OfficialConfig:
     for entry in entries:
         for key, value in entry.items():
             if key in MODEL_DEFAULTS:
+                if not _is_plain(value):
+                    raise ConfigError(f"{path}: {key} must be a number, a string or a list of numbers, not {type(value).__name__}")
                 args[key] = value
             elif key not in NO_MODEL_EFFECT:
                 unknown.append(key)
     if unknown:
-        raise ConfigError(f"{path}: unknown arguments {sorted(unknown)} (the official parser would reject them too)")
+        raise ConfigError(f"{path}: unknown arguments {sorted(map(str, unknown))} (the official parser would reject them too)")
     return OfficialConfig(args, path)
 
 
-def _layers(args: dict[str, Any]) -> tuple[int, ...]:
-    value = args["layers_per_block"]
-    counts = [int(v) for v in str(value).split()] if not isinstance(value, list) else [int(v) for v in value]
+YAML_RANGES: dict[str, tuple[int, int]] = {
+    "img_size": (1, 16384), "txt_size": (0, MAX_TOKENS), "channel_size": (1, 1024), "patch_size": (1, 64),
+    "channels": (1, MAX_WIDTH), "blocks": (1, MAX_LAYERS), "head_dim": (4, 1024),
+}
+"""Allowed ranges of the integer arguments that shape the model (in the YAML's own units)."""
+
+
+def _int(official: OfficialConfig, key: str, low: int, high: int) -> int:
+    """An integer argument within [low, high]; YAML may write it as a number or a numeric string."""
+    value = official.args[key]
+    try:
+        number = int(str(value).strip()) if not isinstance(value, (bool, float)) else None
+    except ValueError:
+        number = None
+    if number is None and isinstance(value, float) and value.is_integer():
+        number = int(value)
+    if number is None:
+        raise ConfigError(f"{official.path}: {key} must be an integer in {low} … {high}, not {value!r}")
+    if not low <= number <= high:
+        raise ConfigError(f"{official.path}: {key} {number} is out of range: allowed {low} … {high}")
+    return number
+
+
+def _float(official: OfficialConfig, key: str, low: float, high: float) -> float:
+    """A finite number argument within [low, high]."""
+    value = official.args[key]
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and low <= number <= high):
+        raise ConfigError(f"{official.path}: {key} is {value!r}; allowed: a finite number in [{low}, {high}]")
+    return number
+
+
+def _switch(official: OfficialConfig, key: str) -> bool:
+    value = official.args[key]
+    if value not in (0, 1):  # True/False compare equal to 1/0
+        raise ConfigError(f"{official.path}: {key} is {value!r}; allowed: 0 or 1")
+    return bool(value)
+
+
+def _layers(official: OfficialConfig, blocks: int) -> tuple[int, ...]:
+    """Per-block layer counts: one count repeated `blocks` times, or one per block (then, as in the
+    official `model_setup`, the list's length is the number of blocks and `blocks` is not used)."""
+    value = official.args["layers_per_block"]
+    parts = value if isinstance(value, list) else str(value).split()
+    try:
+        counts = [int(v) for v in parts if not isinstance(v, (bool, float))]
+    except ValueError:
+        counts = []
+    if not counts or len(counts) != len(parts):
+        raise ConfigError(f"{official.path}: layers_per_block {value!r} must be whole numbers, one per block or one for all")
     if len(counts) == 1:
-        counts = counts * int(args["blocks"])
+        counts = counts * blocks
+    if len(counts) > MAX_LAYERS:
+        raise ConfigError(f"{official.path}: layers_per_block lists {len(counts)} blocks; allowed 1 … {MAX_LAYERS}")
+    if 0 in counts:
+        raise ConfigError(f"{official.path}: layers_per_block has a 0 (an identity block), which this port does not implement; "
+                          f"allowed counts 1 … {MAX_LAYERS}")
+    bad = [n for n in counts if not 1 <= n <= MAX_LAYERS]
+    if bad:
+        raise ConfigError(f"{official.path}: layers_per_block count {bad[0]} is out of range: allowed 1 … {MAX_LAYERS}")
     return tuple(counts)
 
 
 def flow_config(official: OfficialConfig, txt_dim: int, dtype: str = "float32",
                 quantization: dict | None = None) -> FlowConfig:
-    """Our FlowConfig from the official arguments plus what only the checkpoint knows."""
+    """Our FlowConfig from the official arguments plus what only the checkpoint knows.
+
+    Every shaping argument is range-checked here, with the allowed range in the message.
+    """
     args = official.args
+    sizes = {key: _int(official, key, low, high) for key, (low, high) in YAML_RANGES.items()}
     unsupported = [f"{k}={args[k]!r} (needs {v!r})" for k, v in REQUIRED_VALUES.items() if args[k] != v]
-    if args["top_block_channels"] not in (None, args["channels"]):
+    if args["top_block_channels"] not in (None, sizes["channels"]):
         unsupported.append(f"top_block_channels={args['top_block_channels']}")
-    if args["num_heads"] not in (None, int(args["channels"]) // int(args["head_dim"])):
+    if args["num_heads"] not in (None, sizes["channels"] // sizes["head_dim"]):
         unsupported.append(f"num_heads={args['num_heads']}")
-    if args["num_kv_heads"] not in (None, args["num_heads"] or int(args["channels"]) // int(args["head_dim"])):
+    if args["num_kv_heads"] not in (None, args["num_heads"] or sizes["channels"] // sizes["head_dim"]):
         unsupported.append(f"num_kv_heads={args['num_kv_heads']}")
-    if int(args["txt_size"]) > 0 and not args["cond_top_only"]:
+    if sizes["txt_size"] > 0 and not args["cond_top_only"]:
         unsupported.append("cond_top_only=0 (text in every block)")
     if unsupported:
         raise ConfigError(f"{official.path}: switches this port does not implement: {', '.join(unsupported)}")
+    if official.text_encoder and sizes["txt_size"] == 0:
+        raise ConfigError(f"{official.path}: txt_size is 0 but the config names a condition (text: {official.text_encoder}); "
+                          f"allowed: 1 … {MAX_TOKENS} tokens")
     vae_factor = SD_VAE_FACTOR if args["vae"] else 1
-    if int(args["img_size"]) % vae_factor:
-        raise ConfigError(f"{official.path}: img_size {args['img_size']} is not a multiple of the VAE factor {vae_factor}")
-    latent = int(args["img_size"]) // vae_factor
-    if args["pt_seq_len"] not in (None, latent // int(args["patch_size"])):
+    if sizes["img_size"] % vae_factor:
+        raise ConfigError(f"{official.path}: img_size {sizes['img_size']} is not a multiple of the VAE factor {vae_factor}")
+    latent = sizes["img_size"] // vae_factor
+    if latent % sizes["patch_size"]:
+        raise ConfigError(f"{official.path}: img_size {sizes['img_size']} is not a multiple of patch_size {sizes['patch_size']}"
+                          f"{f' × the VAE factor {vae_factor}' if vae_factor > 1 else ''}")
+    if args["pt_seq_len"] not in (None, latent // sizes["patch_size"]):
         raise ConfigError(f"{official.path}: pt_seq_len {args['pt_seq_len']} differs from img_size/patch_size; not supported")
     try:
         return FlowConfig(
-            in_channels=int(args["channel_size"]),
+            in_channels=sizes["channel_size"],
             latent_size=latent,
-            patch_size=int(args["patch_size"]),
-            channels=int(args["channels"]),
-            layers_per_block=_layers(args),
-            txt_size=int(args["txt_size"]),
+            patch_size=sizes["patch_size"],
+            channels=sizes["channels"],
+            layers_per_block=_layers(official, sizes["blocks"]),
+            txt_size=sizes["txt_size"],
             txt_dim=int(txt_dim),
-            head_dim=int(args["head_dim"]),
+            head_dim=sizes["head_dim"],
             seq_order=str(args["seq_order"]),
-            use_softplus=bool(int(args["use_softplus"])),
-            soft_clip=float(args["soft_clip"]),
-            use_final_norm=bool(int(args["use_final_norm"])),
-            use_bias=bool(int(args["use_bias"])),
-            noise_std=float(args["noise_std"]),
-            drop_label=float(args["drop_label"]),
-            latent_norm_regularization=float(args["latent_norm_regularization"]),
+            use_softplus=_switch(official, "use_softplus"),
+            soft_clip=_float(official, "soft_clip", 0.0, 1e4),
+            use_final_norm=_switch(official, "use_final_norm"),
+            use_bias=_switch(official, "use_bias"),
+            noise_std=_float(official, "noise_std", 0.0, 100.0),
+            drop_label=_float(official, "drop_label", 0.0, 1.0),
+            latent_norm_regularization=_float(official, "latent_norm_regularization", 0.0, 1e6),
             vae_factor=vae_factor,
             dtype=dtype,
             quantization=quantization,

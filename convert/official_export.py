@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from mlx_starflow.config import FlowConfig, LabelConfig
-from mlx_starflow.errors import ConfigError
+from mlx_starflow.errors import ConfigError, InputError, OutputExists
 from mlx_starflow.model_io import WEIGHTS_FILE, read_manifest
 
-from .checkpoint import TensorEntry, atomic_file, open_checkpoint
+from .checkpoint import open_checkpoint
 from .maps.starflow import official_name
 from .official_config import SD_VAE_FACTOR
 from .pth_writer import save_pth
+from .tensors import TensorEntry, atomic_file
 
 SD_VAE = "stabilityai/sd-vae-ft-ema"
 T5_XL = "google/flan-t5-xl"
@@ -65,7 +66,7 @@ def export_official(model: str | Path, out: str | Path, force: bool = False) -> 
     """Write `out` (.pth) and `out` with suffix .yaml (plus a .vocab for a label model)."""
     model, out = Path(model), Path(out)
     if out.suffix != ".pth":
-        raise ValueError(f"--out {out} must end in .pth")
+        raise InputError(f"--out {out} must end in .pth")
     flow_folder = model / "flow" if (model / "flow").is_dir() else model
     read_manifest(flow_folder)
     config = FlowConfig.load(flow_folder)
@@ -77,7 +78,7 @@ def export_official(model: str | Path, out: str | Path, force: bool = False) -> 
         targets.append(out.with_suffix(".vocab"))
     existing = [path for path in targets if path.exists()]
     if existing and not force:
-        raise FileExistsError(f"{existing[0]} already exists; pass --force to replace it")
+        raise OutputExists(f"{existing[0]} already exists; pass --force to replace it")
     if config.image_side % config.size_multiple:
         raise ConfigError(f"{model}: the training size is not a multiple of the patch grid")
 

@@ -26,11 +26,13 @@ import numpy as np
 
 from mlx_starflow.errors import ModelNotFound, WeightsError
 
-from .checkpoint import LazyTensor, itemsize, raw_dtype, read_span
+from .tensors import LazyTensor, check_regular_file, itemsize, raw_dtype, read_span
 
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_PICKLE_BYTES = 64 << 20
 """A state dict's pickle holds names and shapes only (the 3B checkpoint's is well under 1 MB)."""
+MAX_BYTEORDER_BYTES = 16
+"""The `byteorder` record holds `little` or `big`."""
 # torch's pre-1.6 format starts with a protocol-2 pickle of this magic number (a LONG1 of 10 bytes).
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
@@ -217,11 +219,28 @@ def _read_view(path: Path, start: int, dtype: str, shape: tuple[int, ...], strid
     return view.copy()
 
 
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, path: Path) -> bytes:
+    """A small member's bytes, refused when it declares more than `limit` and never inflated past it."""
+    if info.file_size > limit:
+        raise WeightsError(f"{path}: its {info.filename} declares {info.file_size} bytes, over the {limit} a torch checkpoint writes; "
+                           "the file is damaged or not a checkpoint")
+    with archive.open(info) as member:
+        data = member.read(limit + 1)
+    if len(data) > limit:
+        raise WeightsError(f"{path}: its {info.filename} inflates past the {limit} bytes it may hold; the file is damaged or not a checkpoint")
+    return data
+
+
 def open_pth(path: str | Path) -> dict[str, LazyTensor]:
-    """Open a torch zip checkpoint: its tensors, in file order, with their data still on disk."""
+    """Open a torch zip checkpoint: its tensors, in file order, with their data still on disk.
+
+    Only `data.pkl` (stored, at most `MAX_PICKLE_BYTES`) and `byteorder` (a few bytes) are read
+    from the zip; storages are read in place, so no entry is ever inflated.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ModelNotFound(f"no checkpoint at {path}; check the path")
+    check_regular_file(path)
     with open(path, "rb") as f:
         head = f.read(len(_LEGACY_MAGIC))
     if not head.startswith(ZIP_MAGIC):
@@ -231,14 +250,14 @@ def open_pth(path: str | Path) -> dict[str, LazyTensor]:
             members = {info.filename: info for info in archive.infolist()}
             root = _archive_root(archive, path)
             pickle_info = members[root + "data.pkl"]
-            if pickle_info.compress_type != zipfile.ZIP_STORED or pickle_info.file_size > MAX_PICKLE_BYTES:
-                raise WeightsError(f"{path}: its data.pkl is compressed or over {MAX_PICKLE_BYTES >> 20} MB, which torch never writes; "
-                                   "re-save the checkpoint with torch.save")
-            pickled = archive.read(root + "data.pkl")
+            if pickle_info.compress_type != zipfile.ZIP_STORED:
+                raise WeightsError(f"{path}: its data.pkl is compressed, which torch never writes; re-save the checkpoint with torch.save")
+            pickled = _read_member(archive, pickle_info, MAX_PICKLE_BYTES, path)
             # torch before 2.1 wrote no byteorder record, and only little-endian data
-            byteorder = archive.read(root + "byteorder") if root + "byteorder" in members else b"little"
-    # zipfile raises NotImplementedError for a compression method it cannot inflate
-    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as e:
+            byteorder = _read_member(archive, members[root + "byteorder"], MAX_BYTEORDER_BYTES, path) if root + "byteorder" in members else b"little"
+    # A damaged zip fails in zipfile in many ways: NotImplementedError for a compression method
+    # it cannot inflate, UnicodeDecodeError for a name, struct.error or OverflowError for a field.
+    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, OSError, ValueError, struct.error, OverflowError) as e:
         raise WeightsError(f"{path} is truncated or corrupt ({e}); download it again") from None
     if byteorder != b"little":
         raise WeightsError(f"{path} stores {byteorder.decode(errors='replace')}-endian data, which is not supported; re-save it on a little-endian machine")

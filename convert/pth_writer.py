@@ -28,7 +28,7 @@ import numpy as np
 
 from mlx_starflow.errors import ConfigError, WeightsError
 
-from .checkpoint import FLOAT_DTYPES, TensorEntry, Tensors, as_entries, atomic_file, check_entries, mlx_dtype, produce_raw, raw_to_mlx
+from .tensors import FLOAT_DTYPES, TensorEntry, Tensors, as_entries, atomic_file, check_entries, mlx_dtype, produce_raw, raw_to_mlx
 from .pth_reader import TORCH_STORAGE_DTYPES, view_extent
 
 _STORAGE_CLASS = {dtype: name for name, dtype in TORCH_STORAGE_DTYPES.items()}

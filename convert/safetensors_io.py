@@ -19,9 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from mlx_starflow.errors import ModelNotFound, WeightsError
+from mlx_starflow.config import parse_json, read_json_object
+from mlx_starflow.errors import ConfigError, ModelNotFound, WeightsError
 
-from .checkpoint import LazyTensor, TensorEntry, Tensors, as_entries, atomic_file, check_entries, itemsize, produce_raw, raw_dtype, read_span
+from .tensors import (LazyTensor, TensorEntry, Tensors, as_entries, atomic_file, check_entries, check_regular_file, itemsize,
+                      produce_raw, raw_dtype, read_span)
 
 _DTYPE_BY_CODE: dict[str, str] = {
     "F32": "float32",
@@ -65,8 +67,8 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
             raise WeightsError(f"{path} is truncated: its header needs {length} bytes but the file ends first; download it again")
         text = f.read(length)
     try:
-        header = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = parse_json(text)
+    except ValueError as e:
         raise WeightsError(f"{path} has a bad safetensors header ({e}); the file is corrupt or not safetensors") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path} has a bad safetensors header (not a JSON object); the file is corrupt or not safetensors")
@@ -102,19 +104,32 @@ def _read_tensor(path: Path, start: int, dtype: str, shape: tuple[int, ...]) -> 
 def open_safetensors(path: str | Path) -> dict[str, LazyTensor]:
     """Open a safetensors file: its tensors, in file order, with their data still on disk."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ModelNotFound(f"no checkpoint at {path}; check the path")
+    check_regular_file(path)
     header, data_start = _read_header(path)
     data_bytes = path.stat().st_size - data_start
     entries = []
     for name, info in header.items():
         if name != _METADATA_KEY:
             entries.append((name, *_tensor_info(path, name, info, data_bytes)))
-    entries.sort(key=lambda entry: entry[3])
+    entries.sort(key=lambda entry: (entry[3], entry[4]))
+    _check_disjoint(path, entries)
     return {
         name: LazyTensor(name, shape, dtype, partial(_read_tensor, path, data_start + begin, dtype, shape))
         for name, dtype, shape, begin, _ in entries
     }
+
+
+def _check_disjoint(path: Path, entries: list[tuple[str, str, tuple[int, ...], int, int]]) -> None:
+    """Two tensors sharing bytes would silently alias each other: refuse (entries sorted by range)."""
+    reach, owner = 0, ""
+    for name, _, _, begin, end in entries:
+        if begin == end:
+            continue
+        if begin < reach:
+            raise WeightsError(f"{path} is corrupt: {owner!r} and {name!r} overlap in the file; download it again")
+        reach, owner = end, name
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:
@@ -126,18 +141,38 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
     return metadata
 
 
-def open_sharded(index_path: str | Path, open_shard: Callable[[Path], dict[str, LazyTensor]] = open_safetensors) -> dict[str, LazyTensor]:
-    """Open a Hugging Face sharded checkpoint through its `*.index.json` as one merged view."""
-    index_path = Path(index_path)
-    if not index_path.is_file():
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """The `{tensor name: shard file}` map of a Hugging Face `*.index.json`, checked."""
+    if not index_path.exists():
         raise ModelNotFound(f"no checkpoint index at {index_path}; check the path")
+    check_regular_file(index_path, "checkpoint index")
     try:
-        index = json.loads(index_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{index_path} is not valid JSON ({e}); download it again") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        index = read_json_object(index_path, "download it again")
+    except ConfigError as e:
+        raise WeightsError(str(e)) from None
+    weight_map = index.get("weight_map")
     if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
         raise WeightsError(f"{index_path} has no weight_map of tensor names to shard files; download it again")
+    return weight_map
+
+
+def shard_files(index_path: str | Path, wanted: Callable[[str], bool] = lambda name: True) -> list[str]:
+    """The shard files that hold at least one wanted tensor, in index order."""
+    return list(dict.fromkeys(shard for name, shard in read_weight_map(Path(index_path)).items() if wanted(name)))
+
+
+def open_sharded(
+    index_path: str | Path,
+    open_shard: Callable[[Path], dict[str, LazyTensor]] = open_safetensors,
+    wanted: Callable[[str], bool] = lambda name: True,
+) -> dict[str, LazyTensor]:
+    """Open a Hugging Face sharded checkpoint through its `*.index.json` as one merged view.
+
+    Only the tensors `wanted` accepts are opened, so a shard holding none of them (flan-t5-xl's
+    decoder-only shard) is neither read nor required to exist.
+    """
+    index_path = Path(index_path)
+    weight_map = {name: shard for name, shard in read_weight_map(index_path).items() if wanted(name)}
     tensors: dict[str, LazyTensor] = {}
     for shard_name in dict.fromkeys(weight_map.values()):
         if Path(shard_name).name != shard_name or shard_name.endswith(".index.json"):

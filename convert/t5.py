@@ -7,7 +7,6 @@ nothing but the converted folder. Works from a single `model.safetensors`, a sha
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -17,12 +16,14 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tokenizers import Tokenizer
 
-from mlx_starflow.convert.checkpoint import LazyTensor, TensorEntry, open_checkpoint
-from mlx_starflow.convert.maps.t5 import map_t5_weights
-from mlx_starflow.convert.safetensors_io import write_safetensors
+from mlx_starflow.convert.checkpoint import open_checkpoint
+from mlx_starflow.convert.maps.t5 import is_encoder_key, map_t5_weights
+from mlx_starflow.convert.safetensors_io import shard_files, write_safetensors
+from mlx_starflow.convert.tensors import LazyTensor, TensorEntry, check_weight_dtypes, finite_weight
 from mlx_starflow.config import DTYPES, T5Config, read_json_object
 from mlx_starflow.errors import ConfigError, ModelNotFound, WeightsError
 from mlx_starflow.model_io import WEIGHTS_FILE, atomic_folder, sha256_file, write_manifest
+from mlx_starflow.native import call_native
 from mlx_starflow.t5 import T5Encoder
 from mlx_starflow.text_encoder import EOS_TOKEN, PAD_TOKEN, TOKENIZER_FILE
 
@@ -49,13 +50,14 @@ def convert_t5(src: str | Path, out: str | Path, *, dtype: str = "float32", forc
     config = t5_config_from_hf(read_hf_config(src), dtype)
     check_tokenizer(src / TOKENIZER_FILE, config.vocab_size)
     checkpoint_path = find_checkpoint(src)
-    weights = map_t5_weights(open_checkpoint(checkpoint_path), config.num_layers)
+    weights = map_t5_weights(open_checkpoint(checkpoint_path, wanted=is_encoder_key), config.num_layers)
     check_shapes(weights, config)
+    check_weight_dtypes(weights.values(), checkpoint_path)
     sources = [src / HF_CONFIG_FILE, *checkpoint_source_files(checkpoint_path), src / TOKENIZER_FILE]
-    with atomic_folder(out, force=force) as folder:
+    with atomic_folder(out, force=force, kind=T5Config.KIND) as folder:
         logger.info("converting %d encoder tensors from %s to %s", len(weights), checkpoint_path, dtype)
         config.save(folder)
-        write_safetensors(folder / WEIGHTS_FILE, [_entry(name, tensor, dtype) for name, tensor in weights.items()])
+        write_safetensors(folder / WEIGHTS_FILE, [_entry(name, tensor, dtype, checkpoint_path) for name, tensor in weights.items()])
         for name in (TOKENIZER_FILE, *OPTIONAL_TOKENIZER_FILES):
             if (src / name).is_file():
                 shutil.copyfile(src / name, folder / name)
@@ -114,7 +116,7 @@ def check_tokenizer(path: Path, vocab_size: int) -> None:
             f"{path.parent} has no {TOKENIZER_FILE}; download it with the model (google/flan-t5-xl ships one) and convert again"
         )
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer = call_native(Tokenizer.from_file, str(path))
     except Exception as e:
         raise ConfigError(f"{path} cannot be read as a tokenizer ({e}); download it again") from None
     absent = [token for token in (EOS_TOKEN, PAD_TOKEN) if tokenizer.token_to_id(token) is None]
@@ -136,11 +138,10 @@ def find_checkpoint(src: Path) -> Path:
 
 
 def checkpoint_source_files(checkpoint_path: Path) -> list[Path]:
-    """The files a checkpoint consists of: itself, or an index and the shards it names."""
+    """The files the encoder is read from: the checkpoint, or an index and the shards holding encoder weights."""
     if not checkpoint_path.name.endswith(".index.json"):
         return [checkpoint_path]
-    shards = dict.fromkeys(json.loads(checkpoint_path.read_text())["weight_map"].values())
-    return [checkpoint_path, *(checkpoint_path.parent / shard for shard in shards)]
+    return [checkpoint_path, *(checkpoint_path.parent / shard for shard in shard_files(checkpoint_path, is_encoder_key))]
 
 
 def check_shapes(weights: dict[str, LazyTensor], config: T5Config) -> None:
@@ -157,10 +158,10 @@ def check_shapes(weights: dict[str, LazyTensor], config: T5Config) -> None:
         )
 
 
-def _entry(name: str, tensor: LazyTensor, dtype: str) -> TensorEntry:
-    """Read and cast one tensor only when the writer reaches it, so memory stays near one tensor."""
+def _entry(name: str, tensor: LazyTensor, dtype: str, source: Path) -> TensorEntry:
+    """Read, check and cast one tensor only when the writer reaches it, so memory stays near one tensor."""
 
     def produce() -> mx.array:
-        return tensor.mlx().astype(getattr(mx, dtype))
+        return finite_weight(tensor, source).astype(getattr(mx, dtype))
 
     return TensorEntry(name, dtype, tuple(tensor.shape), produce)

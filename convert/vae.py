@@ -15,8 +15,10 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_starflow.convert.checkpoint import LazyTensor, open_checkpoint
-from mlx_starflow.convert.maps.vae import MappedTensor, apply, finetuned_to_diffusers
+from mlx_starflow.convert.checkpoint import open_checkpoint
+from mlx_starflow.convert.maps.rules import Mapped
+from mlx_starflow.convert.maps.vae import apply, finetuned_to_diffusers
+from mlx_starflow.convert.tensors import LazyTensor, check_weight_dtypes, finite_weight
 from mlx_starflow.config import DTYPES, VAEConfig, read_json_object
 from mlx_starflow.errors import ConfigError, ModelNotFound, WeightsError
 from mlx_starflow.model_io import atomic_folder, save_weights, sha256_file, write_manifest
@@ -104,7 +106,7 @@ def convert_vae(src: str | Path, out: str | Path, *, dtype: str = "float32", for
     config_file, weights_file = find_diffusers_vae(src)
     config = dataclasses.replace(read_diffusers_config(config_file), dtype=dtype)
     tensors = open_checkpoint(weights_file)
-    return _write(config, {name: name for name in tensors}, tensors, out, force, [config_file, weights_file])
+    return _write(config, {name: name for name in tensors}, tensors, weights_file, out, force, [config_file, weights_file])
 
 
 def convert_finetuned_decoder(
@@ -130,7 +132,7 @@ def convert_finetuned_decoder(
     config = dataclasses.replace(base_config, has_encoder=False, dtype=dtype)
     tensors = open_checkpoint(src_file)
     _, renamed = finetuned_to_diffusers(tensors)
-    return _write(config, renamed, tensors, out, force, [src_file, base_config_file], ignore_prefixes=("encoder.", "quant_conv."))
+    return _write(config, renamed, tensors, src_file, out, force, [src_file, base_config_file], ignore_prefixes=("encoder.", "quant_conv."))
 
 
 def _base_config(base: Path) -> tuple[VAEConfig, Path]:
@@ -146,6 +148,7 @@ def _write(
     config: VAEConfig,
     names: Mapping[str, str],
     tensors: Mapping[str, LazyTensor],
+    weights_file: Path,
     out: str | Path,
     force: bool,
     sources: list[Path],
@@ -154,24 +157,25 @@ def _write(
     """Map `{diffusers name: checkpoint name}` onto a fresh model, check shapes, and write the folder."""
     model = VAE(config)
     expected = {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
-    mapped = apply(names, expected, ignore_prefixes=ignore_prefixes)
-    weights = [(target, _materialise(names[m.source], tensors[names[m.source]], m, expected[target], config.dtype)) for target, m in mapped.items()]
+    mapped = apply(names, expected, ignore_prefixes=ignore_prefixes).mapped
+    check_weight_dtypes((tensors[m.key] for m in mapped.values()), weights_file)
+    weights = [(target, _materialise(tensors[m.key], m, expected[target], config.dtype, weights_file)) for target, m in mapped.items()]
     model.load_weights(weights, strict=True)
-    with atomic_folder(out, force=force) as folder:
+    with atomic_folder(out, force=force, kind=VAEConfig.KIND) as folder:
         config.save(folder)
         save_weights(folder, model)
         write_manifest(folder, kind=VAEConfig.KIND, sources=[{"path": str(p), "sha256": sha256_file(p)} for p in sources])
     return Path(out)
 
 
-def _materialise(name: str, tensor: LazyTensor, mapped: MappedTensor, shape: tuple[int, ...], dtype: str) -> mx.array:
+def _materialise(tensor: LazyTensor, mapped: Mapped, shape: tuple[int, ...], dtype: str, source: Path) -> mx.array:
     """One checkpoint tensor in our layout and dtype, read only now."""
     if mapped.target_shape(tuple(tensor.shape)) != shape:
         raise WeightsError(
-            f"{name} has shape {list(tensor.shape)} but the config needs {list(shape)} for {mapped.target}; "
+            f"{mapped.key} has shape {list(tensor.shape)} but the config needs {list(shape)} for {mapped.target}; "
             "is config.json the one that belongs to these weights?"
         )
-    value = tensor.mlx()
+    value = finite_weight(tensor, source)
     if mapped.permutation is not None and value.ndim == len(mapped.permutation):
         value = value.transpose(mapped.permutation)
     value = value.astype(getattr(mx, dtype))

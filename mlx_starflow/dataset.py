@@ -109,7 +109,7 @@ def load_image_folder(folder: str | Path, size: int, captions: str | Path | None
 def heldout_split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(training indices, held-out indices): a seeded share `fraction` of the images is held out."""
     if not 0 <= fraction < 1:
-        raise ValueError(f"the held-out share must be in [0, 1), got {fraction}")
+        raise InputError(f"the held-out share must be in [0, 1), got {fraction}")
     order = np.random.RandomState([seed % 2**32, _HELDOUT_STREAM]).permutation(count)
     heldout = min(max(round(fraction * count), 1 if fraction > 0 else 0), count - 1)
     return np.sort(order[heldout:]), np.sort(order[:heldout])
@@ -119,7 +119,7 @@ def batch_indices(count: int, batch_size: int, seed: int, step: int) -> np.ndarr
     """Indices of the batch for optimizer step `step`: each epoch is a seeded permutation, cut into
     `count // batch_size` full batches (the remainder of an epoch is dropped)."""
     if not 1 <= batch_size <= count:
-        raise ValueError(f"batch size {batch_size} must be between 1 and the {count} training images")
+        raise InputError(f"batch size {batch_size} must be between 1 and the {count} training images")
     per_epoch = count // batch_size
     epoch, position = divmod(step, per_epoch)
     order = np.random.RandomState([seed % 2**32, _EPOCH_STREAM, epoch]).permutation(count)

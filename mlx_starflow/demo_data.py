@@ -18,9 +18,12 @@ import numpy as np
 from PIL import Image
 
 from .dataset import CAPTIONS_FILE
-from .model_io import atomic_folder
+from .errors import InputError
+from .model_io import atomic_folder, write_manifest
 
 IMAGE_SIZE = 32
+DEMO_DATA_KIND = "starflow.demo_data"
+"""Kind in the data folder's manifest: marks it as ours, so `--force` may replace it."""
 SHAPES = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "blue": (30, 70, 220),
@@ -128,8 +131,8 @@ def make_images(seed: int, count: int, size: int = IMAGE_SIZE, start: int = 0) -
 def write_demo_data(out: str | Path, count: int, seed: int = 0, size: int = IMAGE_SIZE, force: bool = False) -> Path:
     """Write `count` PNGs under `out/images/` and `out/captions.tsv` (`file<TAB>label` per line), atomically."""
     if count < 1:
-        raise ValueError(f"the data set needs at least one image, got count {count}")
-    with atomic_folder(out, force=force) as tmp:
+        raise InputError(f"the data set needs at least one image, got count {count}")
+    with atomic_folder(out, force=force, kind=DEMO_DATA_KIND) as tmp:
         (tmp / IMAGES_FOLDER).mkdir()
         lines = []
         for index in range(count):
@@ -137,6 +140,7 @@ def write_demo_data(out: str | Path, count: int, seed: int = 0, size: int = IMAG
             Image.fromarray(render(seed, index, size).transpose(1, 2, 0)).save(tmp / name)
             lines.append(f"{name}\t{label_of(index)}\n")
         (tmp / CAPTIONS_FILE).write_text("".join(lines))
+        write_manifest(tmp, DEMO_DATA_KIND, sources=[{"generator": "starflow demo-data", "seed": seed, "count": count, "size": size}])
     return Path(out)
 
 

@@ -40,20 +40,23 @@ class FlowBlock(nn.Module):
         """The dtype the transformer runs in (the SOS embedding keeps the source dtype)."""
         return self.sos.dtype
 
-    def order(self, tokens: mx.array) -> mx.array:
-        """Raster order ↔ this block's order (a flip is its own inverse)."""
-        return tokens[:, ::-1] if self.flipped else tokens
-
     def shifted_inputs(self, tokens: mx.array) -> mx.array:
         """[sos, u_0, …, u_{N-2}]: the input that predicts each token from the ones before it."""
         sos = mx.broadcast_to(self.sos, (tokens.shape[0], 1, tokens.shape[2])).astype(tokens.dtype)
         return mx.concatenate([sos, tokens[:, :-1]], axis=1)
 
     def head(self, h: mx.array) -> tuple[mx.array, mx.array]:
-        """Hidden states → (scale logit, shift) in float32, soft-clipped together."""
+        """Hidden states → (scale logit, shift), soft-clipped together.
+
+        The final norm and the output projection run in float32 whatever the weights' dtype,
+        as the official float32 autocast around them: the projection sets every scale, and a
+        half-precision rounding there moves the whole sample.
+        """
+        h = h.astype(mx.float32)
         if "final_norm" in self:
             h = self.final_norm(h)
-        out = soft_clip(self.proj_out(h).astype(mx.float32), self.soft_clip_bound)
+        weight, bias = self.proj_out.weight.astype(mx.float32), self.proj_out.bias.astype(mx.float32)
+        out = soft_clip(mx.addmm(bias, h, weight.T), self.soft_clip_bound)
         return mx.split(out, 2, axis=-1)
 
     def __call__(
@@ -78,27 +81,30 @@ class FlowBlock(nn.Module):
         first = self.layers[0].attention
         return KVCache.allocate(len(self.layers), batch, first.heads, length, first.head_dim, self.compute_dtype)
 
-    def _run_cached(self, h: mx.array, position: mx.array, cos: mx.array, sin: mx.array, cache: KVCache) -> mx.array:
+    def _run_cached(
+        self, h: mx.array, position: mx.array, cos: mx.array, sin: mx.array, cache: KVCache, attn_temp: float
+    ) -> mx.array:
         count = h.shape[1]
         query_positions = position + mx.arange(count)
         rows_cos, rows_sin = mx.take(cos, query_positions, axis=0), mx.take(sin, query_positions, axis=0)
         mask = mx.arange(cache.length)[None, :] <= query_positions[:, None]
         for index, layer in enumerate(self.layers):
-            h = layer.step(h, rows_cos, rows_sin, cache, index, position, mask)
+            h = layer.step(h, rows_cos, rows_sin, cache, index, position, mask, attn_temp)
         return h
 
-    def prefill(self, text: mx.array, cos: mx.array, sin: mx.array, cache: KVCache) -> None:
+    def prefill(self, text: mx.array, cos: mx.array, sin: mx.array, cache: KVCache, attn_temp: float = 1.0) -> None:
         """Run the text prefix through every layer to fill cache positions 0…T-1."""
         h = self.proj_txt(text.astype(self.compute_dtype))
-        self._run_cached(h, mx.array([0]), cos, sin, cache)
+        self._run_cached(h, mx.array([0]), cos, sin, cache, attn_temp)
 
     def step(
-        self, inputs: mx.array, position: mx.array, cos: mx.array, sin: mx.array, cache: KVCache
+        self, inputs: mx.array, position: mx.array, cos: mx.array, sin: mx.array, cache: KVCache, attn_temp: float = 1.0
     ) -> tuple[mx.array, mx.array]:
         """(scale logit, shift) for a chunk of input tokens whose first sits at cache `position`.
 
         `inputs` are the previous tokens ([sos, x_0, …]) in this block's order; `position` is a
-        (1,) int array so that one graph serves every position.
+        (1,) int array so that one graph serves every position. `attn_temp` divides the
+        attention logits (official `reverse(attn_temp=…)`).
         """
         h = self.proj_in(inputs.astype(self.compute_dtype))
-        return self.head(self._run_cached(h, position, cos, sin, cache))
+        return self.head(self._run_cached(h, position, cos, sin, cache, attn_temp))

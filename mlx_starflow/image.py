@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import InputError, OutputExists
 
 
 def decoded_to_uint8(images: mx.array | np.ndarray) -> np.ndarray:
@@ -54,17 +55,53 @@ def uint8_to_model_input(images: np.ndarray) -> mx.array:
     return mx.array((unit - np.float32(0.5)) / np.float32(0.5))
 
 
+MAX_IMAGE_PIXELS = 64 * 2**20
+"""Largest image read (width × height, 64 Mpx, e.g. 8192²: 192 MB as RGB); larger files are refused
+from their header, before decoding, so a small file that claims a huge image (a decompression
+bomb) cannot exhaust memory."""
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as uint8 (3, H, W) RGB; a missing or unreadable file is an `InputError`."""
+    """Read an image file as uint8 (3, H, W) RGB; a missing, unreadable or oversized file, or a
+    mode with no faithful 8-bit reading, is an `InputError` that names the problem."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no image file at {path}; check the path")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return pil_to_uint8(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise InputError(f"{path} is {width}×{height} pixels, more than the {MAX_IMAGE_PIXELS // 2**20} Mpx this app reads; "
+                                     "resize it first")
+                image.load()
+                return _to_uint8_rgb(image, path)
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{path} claims more than {MAX_IMAGE_PIXELS // 2**20} Mpx (a decompression bomb?); resize it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise InputError(f"cannot read {path} as an image ({e}); pass a PNG or JPEG file") from None
+
+
+def _to_uint8_rgb(image: Image.Image, path: Path) -> np.ndarray:
+    """8-bit RGB of any mode, scaling (never clipping) 16-bit and float samples to 0 … 255."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        if image.mode == "I" and not (values.size and values.min() >= 0 and values.max() <= 65535):
+            raise InputError(f"{path} is a 32-bit integer image (mode I) with values outside 0 … 65535; save it as 8- or 16-bit PNG")
+        return _grey_to_rgb(np.round(values / 257.0))
+    if image.mode == "F":
+        values = np.asarray(image).astype(np.float64)
+        if not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
+            raise InputError(f"{path} is a float image (mode F) with values outside [0, 1]; save it as 8- or 16-bit PNG")
+        return _grey_to_rgb(np.round(values * 255.0))
+    return pil_to_uint8(image)
+
+
+def _grey_to_rgb(values: np.ndarray) -> np.ndarray:
+    return np.repeat(values.astype(np.uint8)[None], 3, axis=0)
 
 
 def make_grid(images: list[np.ndarray], columns: int | None = None, padding: int = 2) -> np.ndarray:
@@ -92,7 +129,7 @@ def save_png(image: Image.Image, path: str | Path, metadata: dict[str, str] | No
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another output or pass --force")
+        raise OutputExists(f"{path} already exists; choose another output or pass --force")
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_itxt(key, str(value))

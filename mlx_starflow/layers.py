@@ -53,13 +53,17 @@ class Attention(nn.Module):
         return self._merge(out)
 
     def step(
-        self, x: mx.array, cos: mx.array, sin: mx.array, cache: KVCache, layer: int, position: mx.array, mask: mx.array
+        self, x: mx.array, cos: mx.array, sin: mx.array, cache: KVCache, layer: int, position: mx.array, mask: mx.array,
+        temperature: float = 1.0,
     ) -> mx.array:
-        """Attention of a chunk at `position` against the cache; cos/sin are the chunk's rows."""
+        """Attention of a chunk at `position` against the cache; cos/sin are the chunk's rows.
+
+        `temperature` divides the softmax scale (official `apply_attention`: scale = d^-½ / temp).
+        """
         q, k, v = self._heads(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.write(layer, k, v, position)
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.head_dim**-0.5, mask=mask)
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.head_dim**-0.5 / temperature, mask=mask)
         return self._merge(out)
 
 
@@ -86,7 +90,8 @@ class TransformerLayer(nn.Module):
         return x + self.mlp(x)
 
     def step(
-        self, x: mx.array, cos: mx.array, sin: mx.array, cache: KVCache, layer: int, position: mx.array, mask: mx.array
+        self, x: mx.array, cos: mx.array, sin: mx.array, cache: KVCache, layer: int, position: mx.array, mask: mx.array,
+        temperature: float = 1.0,
     ) -> mx.array:
-        x = x + self.attention.step(x, cos, sin, cache, layer, position, mask)
+        x = x + self.attention.step(x, cos, sin, cache, layer, position, mask, temperature)
         return x + self.mlp(x)

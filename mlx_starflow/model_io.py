@@ -8,9 +8,12 @@ manifest is missing or disagrees with its files is a half-written or stale conve
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -23,7 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import read_json_object
-from .errors import ConfigError, ModelNotFound, WeightsError, listing
+from .errors import ConfigError, ModelNotFound, OutputExists, WeightsError, listing, name_os_error
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -32,6 +35,8 @@ FORMAT_NAME = "mlx-starflow"
 FORMAT_VERSION = 1
 MODEL_KIND = "starflow.model"
 """Kind of a model folder's top manifest: components (flow/, labels/ or text_encoder/, vae/, …)."""
+VERIFIED_FILE = ".verified.json"
+"""Per folder: the size, mtime and sha256 of each file when its hash last matched the manifest."""
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
@@ -43,32 +48,102 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
 
 
 @contextlib.contextmanager
-def atomic_folder(out: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_folder(out: str | Path, force: bool = False, kind: str | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `out` that becomes `out` only if the body succeeds.
 
-    An existing `out` is refused unless `force`; with `force` it is replaced only after the
-    new folder is complete, so a failure never leaves a half-written or missing model.
+    An existing `out` is refused unless `force`, and even then replaced only when our own
+    manifest names it a folder of `kind` (any of ours when None): `--force` never deletes a
+    user's unrelated files. The old folder goes only after the new one is complete, so a failure
+    never leaves a half-written or missing model; a concurrent run that wrote `out` meanwhile
+    is not overwritten. Temporaries that an interrupted run of ours left beside `out` go first.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise OutputExists(f"{out} already exists; pass --force to replace it")
+        check_replaceable(out, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; a model folder is an ordinary folder
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists() and force:
+            check_replaceable(out, kind)
+            old = out.with_name(f".{out.name}.old-{os.getpid()}-{tmp.name[-8:]}")
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
         else:
-            tmp.rename(out)
-    except BaseException:
+            _claim(tmp, out)
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        name_os_error(error, out)
         raise
+
+
+def _claim(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to a free `out`; another run that took the name first wins, and this one says so."""
+    if out.exists():
+        raise OutputExists(f"{out} was written by another run meanwhile; choose another output or pass --force")
+    try:
+        tmp.rename(out)
+    except OSError as error:
+        if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise OutputExists(f"{out} was written by another run meanwhile; choose another output or pass --force") from None
+        raise
+
+
+def folder_kind(folder: str | Path) -> str | None:
+    """What our manifest says a folder is (`starflow.model`, …, or the format of another of our
+    outputs, e.g. a Core ML export), or None for a folder we did not write."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(FORMAT_NAME):
+        return None
+    return str(manifest.get("kind") if manifest.get("format") == FORMAT_NAME else manifest.get("format"))
+
+
+def check_replaceable(out: Path, kind: str | None) -> None:
+    """Refuse to replace `out` unless it is empty or our manifest names it a previous output of `kind`."""
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return
+    found = folder_kind(out) if out.is_dir() and not out.is_symlink() else None
+    if found is None or (kind is not None and found != kind):
+        what = "a folder of another kind" if found else "not a folder this program wrote"
+        raise OutputExists(f"{out} is {what} (its manifest.json does not name it a {kind or 'mlx-starflow'} output), "
+                           f"so --force will not replace it; remove it yourself or choose another output")
+
+
+_TEMPORARY = re.compile(r"^\..+\.(tmp|old)-(\d+)-")
+"""Names of our temporaries: `.NAME.tmp-PID-…` (being written) and `.NAME.old-PID-…` (being replaced)."""
+
+
+def is_stale_temporary(path: Path) -> bool:
+    """Whether `path` is a temporary folder of ours whose process is gone (a killed run's leftover)."""
+    match = _TEMPORARY.match(path.name)
+    return bool(match) and path.is_dir() and not path.is_symlink() and not _process_alive(int(match.group(2)))
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove the leftovers of killed runs of ours beside `out`; a live run's temporaries stay."""
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        if path.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")) and is_stale_temporary(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_manifest(folder: str | Path, kind: str, sources: list[dict[str, Any]] | None = None, **extra: Any) -> dict:
@@ -100,7 +175,7 @@ def _own_files(folder: Path, top: bool = True) -> list[Path]:
     for path in folder.iterdir():
         if path.is_dir():
             found += [path / MANIFEST_FILE] if (path / MANIFEST_FILE).is_file() else _own_files(path, top=False)
-        elif not (top and path.name == MANIFEST_FILE):
+        elif not (top and path.name == MANIFEST_FILE) and path.name != VERIFIED_FILE:
             found.append(path)
     return found
 
@@ -136,6 +211,70 @@ def read_manifest(folder: str | Path, verify_hashes: bool = False) -> dict:
     return manifest
 
 
+def verify_changed(folder: str | Path, manifest: dict[str, Any]) -> None:
+    """Hash the files of a folder whose size or mtime changed since their hash last matched the
+    manifest (all of them on the first load after conversion), and record the new stat.
+
+    The record lives in the folder itself (`.verified.json`, written atomically), so it moves
+    and is deleted with it; where the folder is read-only the record cannot be kept and the
+    check hashes again next time, which is slow but still right.
+    """
+    folder = Path(folder)
+    record = _read_record(folder)
+    changed = {}
+    for name, info in manifest.get("files", {}).items():
+        stat = (folder / name).stat()
+        seen = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": info["sha256"]}
+        if record.get(name) != seen:
+            changed[name] = seen
+    for name, seen in changed.items():
+        if sha256_file(folder / name) != seen["sha256"]:
+            raise WeightsError(f"{folder} is damaged: {name} does not match its sha256 in the manifest; convert it again")
+    if changed:
+        _write_record(folder, {**record, **changed})
+
+
+def verify_folder(path: str | Path) -> int:
+    """Hash every file that a model or component folder's manifests list (components
+    included) against its sha256, whatever the record says; returns the number of files checked.
+
+    For `starflow info --verify`: a damaged file is a `WeightsError` naming it.
+    """
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    checked = 0
+    for name, info in manifest["files"].items():
+        if sha256_file(folder / name) != info["sha256"]:
+            raise WeightsError(f"{folder} is damaged: {name} does not match its sha256 in the manifest; convert it again")
+        checked += 1
+        if Path(name).name == MANIFEST_FILE and Path(name).parent != Path("."):
+            checked += verify_folder(folder / Path(name).parent)
+    with contextlib.suppress(OSError):
+        stats = {name: (folder / name).stat() for name in manifest["files"]}
+        _write_record(folder, {name: {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": manifest["files"][name]["sha256"]}
+                               for name, st in stats.items()})
+    return checked
+
+
+def _read_record(folder: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((folder / VERIFIED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _write_record(folder: Path, record: dict[str, Any]) -> None:
+    """Replace the record atomically; a folder we cannot write to keeps no record."""
+    tmp = folder / f"{VERIFIED_FILE}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, folder / VERIFIED_FILE)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 def save_weights(folder: str | Path, module: nn.Module) -> None:
     """Write a module's parameters to the folder's `model.safetensors` (MLX's writer)."""
     mx.save_safetensors(str(Path(folder) / WEIGHTS_FILE), dict(tree_flatten(module.parameters())))
@@ -146,6 +285,7 @@ def load_weights(module: nn.Module, folder: str | Path) -> None:
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise WeightsError(f"{folder} has no {WEIGHTS_FILE}; convert the model again")
+    verify_changed(folder, read_manifest(folder))
     try:
         weights = mx.load(str(path))
     except (RuntimeError, ValueError) as e:

@@ -12,24 +12,27 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
+from . import editing, ranking
 from .config import FlowConfig
-from .errors import ConfigError, ModelNotFound
-from .flow import SampleProgress, StarFlow, load_flow
+from .errors import ConfigError, InputError
+from .flow import SampleProgress, StarFlow
+from .samplers import Jacobi, Sampler
 from .image import decoded_to_pil
-from .labels import LabelEncoder, load_label_encoder
-from .model_io import MODEL_KIND, read_manifest
-from .text_encoder import TextEncoder, load_text_encoder
-from .vae import VAE, load_vae
+from .labels import LabelEncoder
+from .model_folder import Condition, load_model_folder
+from .text_encoder import TextEncoder
+from .vae import VAE
 
 MAX_SEED = 2**32 - 1
 DENOISE_MODES = ("score", "decoder", "none")
@@ -39,8 +42,6 @@ MAX_DEFAULT_BATCH = 8
 """The official sampling script's batch; more gains little once the weights are read per step."""
 MEMORY_FRACTION = 0.6
 """Share of the machine's memory the default batch may plan for (the rest: OS, other apps)."""
-
-Condition = TextEncoder | LabelEncoder
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,12 @@ def check_seed(seed: int | None, count: int) -> int:
     None draws one at random, so the result can always be written down and reproduced.
     """
     if count < 1:
-        raise ValueError(f"the number of images must be at least 1, got {count}")
+        raise InputError(f"the number of images must be at least 1, got {count}")
     last_first = MAX_SEED - (count - 1)
     if seed is None:
         return secrets.randbelow(last_first + 1)
     if not 0 <= seed <= last_first:
-        raise ValueError(
+        raise InputError(
             f"seed {seed} is out of range: seeds are 0 … {MAX_SEED} and {count} image(s) use seed … seed+{count - 1}; "
             f"pick a seed from 0 to {last_first}"
         )
@@ -102,40 +103,28 @@ def check_seeds(seed: int | Sequence[int] | None, count: int) -> list[int]:
         return [first + i for i in range(count)]
     seeds = [int(value) for value in seed]
     if len(seeds) != count:
-        raise ValueError(f"{len(seeds)} seed(s) for {count} prompt(s); pass one seed per prompt, or one int for seeds seed, seed+1, …")
+        raise InputError(f"{len(seeds)} seed(s) for {count} prompt(s); pass one seed per prompt, or one int for seeds seed, seed+1, …")
     for value in seeds:
         if not 0 <= value <= MAX_SEED:
-            raise ValueError(f"seed {value} is out of range: seeds are 0 … {MAX_SEED}")
+            raise InputError(f"seed {value} is out of range: seeds are 0 … {MAX_SEED}")
     return seeds
 
 
-def check_sampling(
-    guidance: float,
-    jacobi: bool,
-    jacobi_block_size: int,
-    jacobi_threshold: float,
-    jacobi_max_iter: int,
-    denoise_choice: str | None,
-) -> None:
+def check_sampling(guidance: float, denoise_choice: str | None, denoise_lr: float = 1.0) -> None:
     """Refuse sampling settings no model can run, so a front end can check them before it
-    fetches or loads one. Jacobi settings are checked only when Jacobi is on (they are unused otherwise).
+    fetches or loads one (a sampler checks its own settings when it is made).
     """
     if not (math.isfinite(guidance) and guidance >= 0):
-        raise ValueError(f"guidance (--guidance) must be 0 or more, got {guidance:g}; 0 turns guidance off")
-    if jacobi:
-        if jacobi_block_size < 1:
-            raise ValueError(f"jacobi_block_size (--jacobi-block-size) must be at least 1 token, got {jacobi_block_size}")
-        if not (math.isfinite(jacobi_threshold) and jacobi_threshold >= 0):
-            raise ValueError(f"jacobi_threshold (--jacobi-threshold) must be 0 or more, got {jacobi_threshold:g}")
-        if jacobi_max_iter < 1:
-            raise ValueError(f"jacobi_max_iter (--jacobi-max-iter) must be at least 1, got {jacobi_max_iter}")
+        raise InputError(f"guidance (--guidance) must be 0 or more, got {guidance:g}; 0 turns guidance off")
+    if not (math.isfinite(denoise_lr) and denoise_lr > 0):
+        raise InputError(f"denoise_lr (--denoise-lr) must be a number above 0, got {denoise_lr:g}; 1 is the official score step")
     check_denoise_mode(denoise_choice)
 
 
 def check_denoise_mode(denoise: str | None) -> None:
     """None (the model's default) or one of `DENOISE_MODES`."""
     if denoise is not None and denoise not in DENOISE_MODES:
-        raise ValueError(f"denoise (--denoise) must be one of {', '.join(DENOISE_MODES)}, not {denoise!r}")
+        raise InputError(f"denoise (--denoise) must be one of {', '.join(DENOISE_MODES)}, not {denoise!r}")
 
 
 def seeded_noise(seeds: Sequence[int], channels: int, height: int, width: int) -> mx.array:
@@ -174,6 +163,14 @@ def default_batch_size(config: FlowConfig, tokens: int, guidance: float, weight_
     per_image = 2 * kv_cache_bytes(config, tokens, 2 if guidance > 0 else 1, itemsize)
     budget = MEMORY_FRACTION * memory - weight_bytes
     return int(min(MAX_DEFAULT_BATCH, max(1, budget // per_image)))
+
+
+def with_guidance(conditions: mx.array | None, empty: mx.array | None, guidance: float) -> mx.array | None:
+    """The flow's condition rows: with guidance, the conditional rows then as many copies of
+    the empty condition (1, T, D) for the unconditional branch; else the conditions as they are."""
+    if conditions is None or guidance <= 0:
+        return conditions
+    return mx.concatenate([conditions, mx.broadcast_to(empty, conditions.shape)], axis=0)
 
 
 def parameter_bytes(*modules) -> int:
@@ -218,7 +215,7 @@ class StarFlowPipeline:
         for name, value in (("width", width), ("height", height)):
             if value < step or value % step:
                 nearest = f"{value // step * step} or {(value // step + 1) * step}" if value > step else str(step)
-                raise ValueError(
+                raise InputError(
                     f"{name} {value} is not a positive multiple of {step} (VAE factor {self.config.vae_factor} × "
                     f"patch size {self.config.patch_size}); use {nearest}"
                 )
@@ -269,16 +266,35 @@ class StarFlowPipeline:
         factor = self.config.vae_factor
         return seeded_noise(seeds, self.config.in_channels, height // factor, width // factor)
 
-    def decode(self, samples: mx.array, fine_tuned: bool = False) -> list[Image.Image]:
-        """Flow samples → RGB images: through the VAE (or fine-tuned decoder), or as pixels in [-1, 1]."""
+    def denoised(self, samples: mx.array, conditions: mx.array | None, lr: float = 1.0) -> Iterator[mx.array]:
+        """Each sample (1, C, H, W) after the flow's score step (scaled by `lr`), evaluated, under
+        its own condition row.
+
+        One image at a time: the score step's backward pass holds every layer's activations.
+        """
+        for i in range(samples.shape[0]):
+            image = self.flow.denoise(samples[i : i + 1], None if conditions is None else conditions[i : i + 1], lr=lr)
+            mx.eval(image)
+            yield image
+
+    def decode_pixels(self, samples: mx.array, fine_tuned: bool = False) -> mx.array:
+        """Flow samples → pixels (B, 3, H, W), about [-1, 1], evaluated: through the VAE (or the
+        fine-tuned decoder), or as they are for a pixel-space model."""
         decoder = self.decoder if fine_tuned else self.vae
         pixels = samples if decoder is None else decoder.decode(samples)
         mx.eval(pixels)
-        return decoded_to_pil(pixels)
+        return pixels
 
-    def score(self, images: mx.array, prompt: str) -> mx.array:
-        """Bits per dimension of images (B, 3, H, W) in [-1, 1] under `prompt` (per image, (B,))."""
+    def decode(self, samples: mx.array, fine_tuned: bool = False) -> list[Image.Image]:
+        """Flow samples → RGB images."""
+        return decoded_to_pil(self.decode_pixels(samples, fine_tuned))
+
+    def score(self, images: mx.array, prompt: str | Sequence[str]) -> mx.array:
+        """Bits per dimension of images (B, 3, H, W) in [-1, 1] under `prompt`: (B,) for one
+        prompt, (B, P) for a list of P prompts (batched: `ranking.likelihood_matrix`)."""
         x = images if self.vae is None else self.vae.encode(images)
+        if not isinstance(prompt, str):
+            return ranking.likelihood_matrix(self, x, prompt)
         y = self.encode([prompt] * images.shape[0])
         return self.flow.bits_per_dim(x, y)
 
@@ -303,37 +319,40 @@ class StarFlowPipeline:
         prompts: str | Sequence[str],
         seed: int | Sequence[int] | None = None,
         guidance: float = 3.6,
-        jacobi: bool = True,
-        jacobi_block_size: int = 16,
-        jacobi_threshold: float = 1e-3,
-        jacobi_max_iter: int = 32,
+        sampler: Sampler = Jacobi(),
         width: int | None = None,
         height: int | None = None,
         batch_size: int | None = None,
         denoise: str | None = None,
+        noise: mx.array | None = None,
+        denoise_lr: float = 1.0,
     ) -> Generator[GenerationProgress, None, None]:
         """One image per prompt, sampled `batch_size` at a time; yields progress, and the
         results with phase decode.
 
         `seed`: one per prompt (a sequence), or an int giving image i the seed seed + i, or
-        None for a random first seed. With Jacobi the convergence test spans the batch (as the
-        official sampler's), so an image depends on the prompts and seeds it is sampled with;
-        batch_size=1 (or jacobi=False) makes each image depend on its prompt and seed only.
+        None for a random first seed. `sampler`: `samplers.Jacobi()` (the official settings) or
+        `samplers.Sequential()`; an image depends on its prompt, seed and settings only, unless
+        `Jacobi(coupled=True)` couples the convergence of a batch as the official sampler does.
+        `noise` (one row per prompt, at the size asked for) replaces the seeded noise; the seeds
+        then only label the images. `denoise_lr` scales the score step (official
+        `--self_denoising_lr`; 1, the default, is the Tweedie step).
         """
-        check_sampling(guidance, jacobi, jacobi_block_size, jacobi_threshold, jacobi_max_iter, denoise)
+        check_sampling(guidance, denoise, denoise_lr)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seeds = check_seeds(seed, len(prompts))
         width, height = self.check_size(width, height)
         denoise = self.check_denoise(denoise)
         notes = self.check_prompts(prompts)
+        if noise is not None:
+            self.check_noise_shape(noise, len(prompts), width, height)
         if not self.is_conditional:
             guidance = 0.0
         if batch_size is None:
             batch_size = self.suggested_batch_size(width, height, guidance)
         if batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
         num_batches = math.ceil(len(prompts) / batch_size)
-        sampler = _sampler_text(jacobi, jacobi_block_size, jacobi_threshold, jacobi_max_iter)
         timings = {"encode": 0.0, "sample": 0.0, "denoise": 0.0, "decode": 0.0}
         started = time.perf_counter()
 
@@ -349,28 +368,24 @@ class StarFlowPipeline:
             lo, hi = batch * batch_size, min(len(prompts), (batch + 1) * batch_size)
             batch_seeds = seeds[lo:hi]
             conditions = None if states is None else states[mx.array(rows[lo:hi])]
-            y = conditions
-            if conditions is not None and guidance > 0:
-                empty = states[rows[-1] : rows[-1] + 1]
-                y = mx.concatenate([conditions, mx.broadcast_to(empty, conditions.shape)], axis=0)
+            y = with_guidance(conditions, None if states is None else states[rows[-1] : rows[-1] + 1], guidance)
 
             mark = time.perf_counter()
-            for progress in self.flow.iter_sample(self.noise(batch_seeds, width, height), y, guidance, jacobi,
-                                                  jacobi_block_size, jacobi_threshold, jacobi_max_iter):
+            batch_noise = self.noise(batch_seeds, width, height) if noise is None else noise[lo:hi]
+            for progress in self.flow.iter_sample(batch_noise, y, guidance, sampler):
                 if progress.output is not None:
                     samples = progress.output
                 yield report("sample", batch, progress.tokens_done, progress.tokens_total, sample=progress)
             timings["sample"] += time.perf_counter() - mark
 
             if denoise == "score":
-                # One image at a time: the score step's backward pass holds every layer's activations.
                 denoised = []
-                for i in range(hi - lo):
-                    mark = time.perf_counter()
-                    denoised.append(self.flow.denoise(samples[i : i + 1], None if conditions is None else conditions[i : i + 1]))
-                    mx.eval(denoised[-1])
+                mark = time.perf_counter()
+                for image in self.denoised(samples, conditions, denoise_lr):
+                    denoised.append(image)
                     timings["denoise"] += time.perf_counter() - mark
-                    yield report("denoise", batch, i + 1, hi - lo)
+                    yield report("denoise", batch, len(denoised), hi - lo)
+                    mark = time.perf_counter()
                 samples = mx.concatenate(denoised, axis=0)
 
             yield report("decode", batch, 0, 1)
@@ -379,13 +394,15 @@ class StarFlowPipeline:
             timings["decode"] += time.perf_counter() - mark
             settings = {
                 "guidance": f"{guidance:g}",
-                "sampler": sampler,
+                "sampler": sampler.describe(),
                 "denoise": denoise,
                 "size": f"{width}x{height}",
                 "batch_seeds": ",".join(map(str, batch_seeds)),
                 "model": self.name,
                 "dtype": self.config.dtype + (f" q{self.config.quantization['bits']}" if self.config.quantization else ""),
                 "software": _software(),
+                **({"noise": "given"} if noise is not None else {}),
+                **({"denoise_lr": f"{denoise_lr:g}"} if denoise == "score" and denoise_lr != 1.0 else {}),
             }
             results = []
             for offset, picture in enumerate(pictures):
@@ -396,37 +413,50 @@ class StarFlowPipeline:
 
         yield report("done", num_batches - 1, 1, 1, timings=timings)
 
-    def generate(
-        self,
-        prompts: str | Sequence[str],
-        seed: int | Sequence[int] | None = None,
-        guidance: float = 3.6,
-        jacobi: bool = True,
-        jacobi_block_size: int = 16,
-        jacobi_threshold: float = 1e-3,
-        jacobi_max_iter: int = 32,
-        width: int | None = None,
-        height: int | None = None,
-        batch_size: int | None = None,
-        denoise: str | None = None,
-    ) -> list[Image.Image]:
-        """One image per prompt (seeds as in `iter_generate`); the images carry their settings in `image.info`.
+    def generate(self, prompts: str | Sequence[str], seed: int | Sequence[int] | None = None, **settings: Any) -> list[Image.Image]:
+        """One image per prompt; seeds and the other settings (keywords) as in `iter_generate`.
 
-        Defaults are the official script's: guidance 3.6, Jacobi (block 16, threshold 1e-3,
-        32 iterations), the training size, score-step denoising unless the folder has a
-        fine-tuned decoder, and a batch size chosen to fit memory (`default_batch_size`).
+        The images carry their settings in `image.info`. Defaults are the official script's:
+        guidance 3.6, Jacobi (block 16, threshold 1e-3, 32 iterations), the training size,
+        score-step denoising unless the folder has a fine-tuned decoder, and a batch size
+        chosen to fit memory (`default_batch_size`).
         """
         images = []
-        for progress in self.iter_generate(prompts, seed, guidance, jacobi, jacobi_block_size, jacobi_threshold,
-                                           jacobi_max_iter, width, height, batch_size, denoise):
+        for progress in self.iter_generate(prompts, seed, **settings):
             images += [result.image for result in progress.images]
         return images
 
+    # ---- inversion and likelihood (mlx_starflow.editing, mlx_starflow.ranking) ---------------
 
-def _sampler_text(jacobi: bool, block_size: int, threshold: float, max_iter: int) -> str:
-    if not jacobi:
-        return "sequential"
-    return f"jacobi block={block_size} threshold={threshold:g} max_iter={max_iter}"
+    def check_noise_shape(self, noise: mx.array, count: int, width: int, height: int) -> None:
+        """Given noise must have one row per prompt and the latent shape of the size asked for."""
+        factor = self.config.vae_factor
+        expected = (count, self.config.in_channels, height // factor, width // factor)
+        if tuple(noise.shape) != expected:
+            raise InputError(f"noise of shape {list(noise.shape)} does not fit {count} image(s) of {width}x{height}; "
+                             f"it must be {list(expected)}")
+
+    def invert(self, images: Sequence[editing.ImageLike], prompts: Sequence[str], width: int | None = None,
+               height: int | None = None) -> editing.Inversion:
+        """Images → the noise that samples back to each under its prompt (unguided)."""
+        return editing.invert(self, images, prompts, width, height)
+
+    def edit(self, image: editing.ImageLike, prompt: str, source_prompt: str = "", **options: Any) -> GeneratedImage:
+        """Invert under `source_prompt`, re-sample under `prompt` (options: `editing.edit`)."""
+        return editing.edit(self, image, prompt, source_prompt, **options)
+
+    def vary(self, image: editing.ImageLike, prompt: str = "", count: int = 4, strength: float = 0.3,
+             **options: Any) -> list[GeneratedImage]:
+        """Variations: the inverted noise mixed with fresh noise (options: `editing.vary`)."""
+        return editing.vary(self, image, prompt, count, strength, **options)
+
+    def interpolate(self, prompt: str, steps: int, **options: Any) -> list[GeneratedImage]:
+        """Images along the path between two seeds or two images (options: `editing.interpolate`)."""
+        return editing.interpolate(self, prompt, steps, **options)
+
+    def rank(self, image: editing.ImageLike, captions: Sequence[str], **options: Any) -> list[ranking.RankedCaption]:
+        """Captions ordered by the image's likelihood under each (options: `ranking.rank`)."""
+        return ranking.rank(self, image, captions, **options)
 
 
 def _software() -> str:
@@ -446,61 +476,5 @@ def load(path: str | Path) -> StarFlowPipeline:
     The top manifest and every component's are checked first, so a half-written, stale or
     incompatible folder is an error naming the fix, never a model with missing parts.
     """
-    folder = Path(path)
-    if not folder.exists():
-        raise ModelNotFound(f"no model at {folder}; pass a converted model folder (made by `starflow convert` or `starflow generate`)")
-    if not folder.is_dir():
-        raise ConfigError(f"{folder} is a file; pass a converted model folder (convert a checkpoint with `starflow convert`)")
-    manifest = read_manifest(folder)
-    kind = manifest.get("kind")
-    if kind != MODEL_KIND:
-        raise ConfigError(f"{folder} holds a {kind!r} component, not a model; pass the model folder that contains it")
-    components = set(manifest.get("components", []))
-    if "flow" not in components:
-        raise ConfigError(f"{folder} has no flow component; convert the model again")
-    flow = load_flow(folder / "flow")
-    condition = _load_condition(folder, components, flow.config)
-    vae = _load_vae(folder, components, flow.config)
-    decoder = load_vae(folder / "decoder") if "decoder" in components else None
-    if decoder is not None and vae is None:
-        raise ConfigError(f"{folder} has a fine-tuned decoder but no vae/; convert the model again with --vae DIR")
-    return StarFlowPipeline(flow, condition, vae, decoder, str(manifest.get("name") or folder.name))
-
-
-def _load_condition(folder: Path, components: set[str], config: FlowConfig) -> Condition | None:
-    if "text_encoder" in components:
-        encoder = load_text_encoder(folder / "text_encoder")
-        if encoder.encoder.config.d_model != config.txt_dim:
-            raise ConfigError(
-                f"{folder}: the text encoder's width {encoder.encoder.config.d_model} differs from the flow's text width "
-                f"{config.txt_dim}; convert the model again with the text encoder it was trained with"
-            )
-        return encoder
-    if "labels" in components:
-        labels = load_label_encoder(folder / "labels")
-        if labels.dim != config.txt_dim:
-            raise ConfigError(f"{folder}: {labels.dim - 1} labels do not fit the flow's condition width {config.txt_dim}; convert the model again")
-        return labels
-    if config.txt_dim > 0:
-        raise ConfigError(
-            f"{folder} has no text_encoder/ or labels/ but its flow is conditioned; "
-            "convert it again with `starflow convert ... --text-encoder DIR` (a google/flan-t5-xl folder)"
-        )
-    return None
-
-
-def _load_vae(folder: Path, components: set[str], config: FlowConfig) -> VAE | None:
-    if config.vae_factor == 1:
-        return None
-    if "vae" not in components:
-        raise ConfigError(
-            f"{folder} has no vae/ but its flow works in a VAE latent space; "
-            "convert it again with `starflow convert ... --vae DIR` (a stabilityai/sd-vae-ft-ema folder)"
-        )
-    vae = load_vae(folder / "vae")
-    if vae.config.downsample_factor != config.vae_factor or vae.config.latent_channels != config.in_channels:
-        raise ConfigError(
-            f"{folder}: the VAE ({vae.config.latent_channels} channels, factor {vae.config.downsample_factor}) does not fit "
-            f"the flow ({config.in_channels} channels, factor {config.vae_factor}); convert the model again with its own VAE"
-        )
-    return vae
+    parts = load_model_folder(path)
+    return StarFlowPipeline(parts.flow, parts.condition, parts.vae, parts.decoder, parts.folder.name)

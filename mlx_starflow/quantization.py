@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import mlx.nn as nn
 
+from .errors import InputError
+
 BITS = (4, 8)
 GROUP_SIZE = 64
 
@@ -21,5 +23,5 @@ def is_quantized_layer(path: str, module: nn.Module) -> bool:
 def quantize_flow(model: nn.Module, bits: int, group_size: int = GROUP_SIZE) -> None:
     """Replace the selected linears by `nn.QuantizedLinear` in place (weights quantised as they are)."""
     if bits not in BITS:
-        raise ValueError(f"quantisation bits must be one of {BITS}, not {bits}")
+        raise InputError(f"quantisation bits must be one of {BITS}, not {bits}")
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=is_quantized_layer)

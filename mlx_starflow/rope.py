@@ -10,9 +10,13 @@ Head dims are rotated in interleaved pairs (x_2m, x_2m+1).
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
+
+if TYPE_CHECKING:
+    from .token_layout import TokenLayout
 
 TEXT_AXIS_DIMS = 8
 
@@ -45,10 +49,17 @@ def rope_angles(positions: np.ndarray, head_dim: int, theta: float, text_axis: b
 
 @lru_cache(maxsize=32)
 def rope_tables(
-    height: int, width: int, text_length: int, pt_seq_len: int, head_dim: int, theta: float, text_axis: bool
+    layout: TokenLayout, text_length: int, pt_seq_len: int, head_dim: int, theta: float, text_axis: bool,
+    bfloat16_angles: bool = False,
 ) -> tuple[mx.array, mx.array]:
-    """cos and sin tables (S, head_dim/2) for one block's token sequence, memoised by shape."""
-    angles = rope_angles(token_positions(height, width, text_length, pt_seq_len), head_dim, theta, text_axis)
+    """cos and sin tables (S, head_dim/2) for one block's token sequence, memoised by layout.
+
+    `bfloat16_angles` rounds the angles to bfloat16 before cos/sin, as the official GPU sampler
+    does (FSDP mixed precision casts its RoPE frequencies), off by default: exact angles.
+    """
+    angles = rope_angles(layout.positions(text_length, pt_seq_len), head_dim, theta, text_axis)
+    if bfloat16_angles:
+        angles = np.array(mx.array(angles).astype(mx.bfloat16).astype(mx.float32))
     return mx.array(np.cos(angles)), mx.array(np.sin(angles))
 
 

@@ -1,16 +1,23 @@
-"""A training run folder: checkpoints that are loadable model folders, and resuming from them.
+"""A training run folder: checkpoints committed as one unit, and resuming from the latest.
 
-`RUN/model/` is the latest checkpoint (flow, condition and carried frozen components, with a
-manifest naming the parent model, data and command), `RUN/optimizer/` the AdamW state and the
-run's settings, `RUN/samples/` the sample grids. Each checkpoint part is written atomically and
-the two parts must agree on the step, so an interrupted checkpoint is detected on resume.
+`RUN/checkpoints/step-N/` holds one checkpoint: `model/` (a loadable model folder: flow,
+condition and carried frozen components, with a manifest naming the parent model, data and
+command) and `optimizer/` (the AdamW state and the run's settings), under a manifest of its
+own. It is written in a temporary folder and renamed into place whole; then the pointer
+`RUN/latest` (a symbolic link) is swapped to it atomically, and older checkpoints go. So an
+interruption at any instant leaves `latest` on a complete checkpoint, and `--resume` goes on
+from it. `RUN/model` and `RUN/optimizer` are fixed links through `latest`; `RUN/run.json`
+marks the folder as a run of ours (what `--force` may start over); `RUN/samples/` holds the
+sample grids.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +26,64 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import FlowConfig, LabelConfig, read_json_object
-from .errors import ConfigError
+from .errors import ConfigError, OutputExists
 from .flow import StarFlow
 from .labels import LabelEncoder
-from .model_io import MODEL_KIND, atomic_folder, read_manifest, save_weights, write_manifest
+from .model_io import FORMAT_NAME, MODEL_KIND, atomic_folder, is_stale_temporary, read_manifest, save_weights, write_manifest
 
 MODEL_FOLDER, OPTIMIZER_FOLDER, SAMPLES_FOLDER = "model", "optimizer", "samples"
+CHECKPOINTS_FOLDER, LATEST, RUN_FILE = "checkpoints", "latest", "run.json"
 OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "state.json"
+RUN_KIND, CHECKPOINT_KIND = "starflow.training_run", "starflow.checkpoint"
 CARRIED_COMPONENTS = ("text_encoder", "vae", "decoder")
 """Frozen components of a parent model, copied unchanged into every checkpoint."""
 
 
+def is_run_folder(out: Path) -> bool:
+    """Whether `out` is a training run folder of ours (its `run.json` says so)."""
+    try:
+        marker = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("format") == FORMAT_NAME and marker.get("kind") == RUN_KIND
+
+
+def check_new_run(out: Path, force: bool) -> None:
+    """Refuse a new run in a folder that holds anything, unless `force` and it is a run of ours."""
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise OutputExists(f"{out} already exists; pass --resume to continue that run or --force to start over")
+        if not is_run_folder(out):
+            raise OutputExists(f"{out} is not a training run folder (no {RUN_FILE} of ours), so --force will not empty it; "
+                               "remove it yourself or choose another --out")
+
+
+def start_run(out: Path) -> None:
+    """Make `out` a fresh run folder (checked by `check_new_run`): our checkpoints and samples go,
+    nothing else in it is touched, and the marker is written."""
+    for name in (LATEST, MODEL_FOLDER, OPTIMIZER_FOLDER, CHECKPOINTS_FOLDER, SAMPLES_FOLDER):
+        path = out / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = {"format": FORMAT_NAME, "kind": RUN_KIND, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out / RUN_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+
+
 def save_checkpoint(out: Path, model: StarFlow, optimizer: optim.Optimizer, state: dict[str, Any], training: dict[str, Any],
                     source: dict[str, Any], labels: LabelEncoder | None, parent: Path | None) -> Path:
-    """Write `out/model/` (a loadable model folder) then `out/optimizer/`, each atomically.
+    """Commit checkpoint `state["step"]` as one unit and point `latest` at it; returns `RUN/model`.
 
     `source` is the parent's provenance, `labels` the class vocabulary of a label model, and
     `parent` the model folder whose frozen components are carried over.
     """
     provenance = {**source, "training_command": training.get("command")}
-    with atomic_folder(out / MODEL_FOLDER, force=True) as tmp:
-        (tmp / "flow").mkdir()
+    step_folder = out / CHECKPOINTS_FOLDER / f"step-{state['step']:06d}"
+    with atomic_folder(step_folder, force=True, kind=CHECKPOINT_KIND) as unit:
+        tmp = unit / MODEL_FOLDER
+        (tmp / "flow").mkdir(parents=True)
         model.config.save(tmp / "flow")
         save_weights(tmp / "flow", model)
         write_manifest(tmp / "flow", FlowConfig.KIND, sources=[provenance], training_step=state["step"])
@@ -54,10 +98,35 @@ def save_checkpoint(out: Path, model: StarFlow, optimizer: optim.Optimizer, stat
                 shutil.copytree(parent / name, tmp / name, copy_function=_link_or_copy)
                 components.append(name)
         write_manifest(tmp, MODEL_KIND, sources=[provenance], components=components, training=training)
-    with atomic_folder(out / OPTIMIZER_FOLDER, force=True) as tmp:
-        mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        (unit / OPTIMIZER_FOLDER).mkdir()
+        mx.save_safetensors(str(unit / OPTIMIZER_FOLDER / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
+        (unit / OPTIMIZER_FOLDER / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        write_manifest(unit, CHECKPOINT_KIND, step=state["step"])
+    _point(out / LATEST, Path(CHECKPOINTS_FOLDER) / step_folder.name)
+    for name in (MODEL_FOLDER, OPTIMIZER_FOLDER):
+        target = Path(LATEST) / name
+        if not ((out / name).is_symlink() and os.readlink(out / name) == str(target)):
+            _point(out / name, target)
+    _remove_old_checkpoints(out, step_folder.name)
     return out / MODEL_FOLDER
+
+
+def _point(link: Path, target: Path) -> None:
+    """Make `link` a symbolic link to `target` atomically: a new link renamed over the old one."""
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}-link")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def _remove_old_checkpoints(out: Path, keep: str) -> None:
+    """Checkpoints other than the latest, and temporaries of killed runs, once `latest` has moved on."""
+    for path in (out / CHECKPOINTS_FOLDER).iterdir():
+        if path.name.startswith("step-") and path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+        elif is_stale_temporary(path):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -69,17 +138,18 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def read_run_state(out: Path) -> dict[str, Any]:
-    """The state of a run folder's last checkpoint, checked to be complete and consistent."""
-    state_path = out / OPTIMIZER_FOLDER / STATE_FILE
-    if not state_path.is_file() or not (out / MODEL_FOLDER).is_dir():
-        raise ConfigError(f"{out} holds no training checkpoint ({MODEL_FOLDER}/ and {OPTIMIZER_FOLDER}/{STATE_FILE}); start a run with --out instead")
-    state = read_json_object(state_path, "start a new run")
-    trained = read_manifest(out / MODEL_FOLDER).get("training", {})
+    """The state of a run folder's latest checkpoint, checked to be complete and consistent."""
+    latest = out / LATEST
+    if not latest.is_dir():
+        if (out / MODEL_FOLDER).is_dir() and not (out / MODEL_FOLDER).is_symlink():
+            raise ConfigError(f"{out} was written by an older mlx-starflow (no {LATEST} checkpoint pointer); start a new run")
+        raise ConfigError(f"{out} holds no training checkpoint ({LATEST}/ pointing at {CHECKPOINTS_FOLDER}/step-N); start a run with --out instead")
+    read_manifest(latest)
+    state = read_json_object(latest / OPTIMIZER_FOLDER / STATE_FILE, "start a new run")
+    trained = read_manifest(latest / MODEL_FOLDER).get("training", {})
     if trained.get("step") != state.get("step"):
-        raise ConfigError(
-            f"{out}: the model is at step {trained.get('step')} but the optimizer state at step {state.get('step')} "
-            f"(a checkpoint was interrupted); start a new run"
-        )
+        raise ConfigError(f"{out}: the latest checkpoint's model is at step {trained.get('step')} but its optimizer state at step "
+                          f"{state.get('step')}; start a new run")
     return state
 
 

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from .config import T5Config
 from .errors import ConfigError
 from .model_io import load_weights, read_manifest
+from .native import call_native
 from .t5 import T5Encoder
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -85,7 +86,7 @@ def load_text_encoder(folder: str | Path) -> TextEncoder:
     if not tokenizer_path.is_file():
         raise ConfigError(f"{folder} has no {TOKENIZER_FILE}; convert the text encoder again")
     try:
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        tokenizer = call_native(Tokenizer.from_file, str(tokenizer_path))
     except Exception as e:
         raise ConfigError(f"{tokenizer_path} cannot be read as a tokenizer ({e}); convert the text encoder again") from None
     encoder = T5Encoder(config)

@@ -19,7 +19,6 @@ import dataclasses
 import math
 import os
 import platform
-import shutil
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -35,24 +34,23 @@ from PIL import Image
 
 from .config import FlowConfig, LabelConfig
 from .dataset import ImageData, batch_indices, heldout_split
-from .errors import ConfigError, InputError, StarFlowError
-from .flow import StarFlow, load_flow
+from .errors import ConfigError, InputError, TrainingError
+from .flow import StarFlow
 from .image import decoded_to_uint8, make_grid, save_png, uint8_to_model_input
-from .labels import LabelEncoder, UnknownLabel, load_label_encoder
-from .model_io import read_manifest, sha256_file
-from .pipeline import seeded_noise
-from .run_folder import MODEL_FOLDER, OPTIMIZER_FOLDER, SAMPLES_FOLDER, check_resumable, read_run_state, restore_optimizer, save_checkpoint
+from .labels import LabelEncoder, UnknownLabel
+from .model_folder import Condition, ModelParts
+from .model_io import MANIFEST_FILE, sha256_file
+from .pipeline import StarFlowPipeline, with_guidance
+from .run_folder import (
+    LATEST, MODEL_FOLDER, OPTIMIZER_FOLDER, SAMPLES_FOLDER, check_new_run, check_resumable, read_run_state, restore_optimizer,
+    save_checkpoint, start_run,
+)
 from .sampling import LOG2_PIXEL_SCALE, bits_per_dim, nll_per_sample
-from .text_encoder import TextEncoder, load_text_encoder
-from .vae import VAE, load_vae
+from .vae import VAE
 
 ENCODE_BATCH = 16
 SAMPLE_LIMIT = 16
 _STEP_STREAM, _EVAL_STREAM = 11, 13
-
-
-class TrainingError(StarFlowError):
-    """Training cannot go on (a diverged loss, a run folder that does not match the options)."""
 
 
 @dataclass(frozen=True)
@@ -82,21 +80,21 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be at least 1, got {self.steps} and {self.batch_size}")
+            raise InputError(f"steps and batch_size must be at least 1, got {self.steps} and {self.batch_size}")
         if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"learning rates must satisfy 0 <= min_lr <= lr, got min_lr {self.min_lr} and lr {self.lr}")
+            raise InputError(f"learning rates must satisfy 0 <= min_lr <= lr, got min_lr {self.min_lr} and lr {self.lr}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
+            raise InputError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
         if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("grad_clip and weight_decay must be 0 or more (grad_clip 0 turns clipping off)")
+            raise InputError("grad_clip and weight_decay must be 0 or more (grad_clip 0 turns clipping off)")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"AdamW betas must be in [0, 1), got {self.beta1} and {self.beta2}")
+            raise InputError(f"AdamW betas must be in [0, 1), got {self.beta1} and {self.beta2}")
         if not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be in 0 … 2^32-1, got {self.seed}")
+            raise InputError(f"seed must be in 0 … 2^32-1, got {self.seed}")
         if not 0 <= self.heldout < 1:
-            raise ValueError(f"heldout is the held-out share of the images, in [0, 1), got {self.heldout}")
+            raise InputError(f"heldout is the held-out share of the images, in [0, 1), got {self.heldout}")
         if self.checkpoint_every < 0 or self.sample_every < 0:
-            raise ValueError("checkpoint_every and sample_every must be 0 (off) or more")
+            raise InputError("checkpoint_every and sample_every must be 0 (off) or more")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -181,15 +179,22 @@ class BaseModel:
     """
 
     flow: StarFlow
-    labels: LabelEncoder | None
-    text_encoder: TextEncoder | None
+    condition: Condition
     vae: VAE | None
     folder: Path | None
     source: dict[str, Any]
 
     @property
+    def labels(self) -> LabelEncoder | None:
+        return self.condition if isinstance(self.condition, LabelEncoder) else None
+
+    @property
     def is_pixel_model(self) -> bool:
         return self.vae is None
+
+    def pipeline(self) -> StarFlowPipeline:
+        """The model being trained as a pipeline, for its sampling stages."""
+        return StarFlowPipeline(self.flow, self.condition, self.vae, None, "training")
 
 
 def new_label_model(config: FlowConfig, labels: tuple[str, ...], seed: int, source: dict[str, Any]) -> BaseModel:
@@ -203,38 +208,27 @@ def new_label_model(config: FlowConfig, labels: tuple[str, ...], seed: int, sour
         raise ConfigError("a new model from a config trains in pixel space; remove the config's vae: entry, or fine-tune a converted latent model with --init")
     flow = StarFlow(config)
     initialise(flow, seed)
-    return BaseModel(flow, LabelEncoder(LabelConfig(labels=labels)), None, None, None, source)
+    return BaseModel(flow, LabelEncoder(LabelConfig(labels=labels)), None, None, source)
 
 
-def load_base_model(folder: str | Path) -> BaseModel:
-    """A converted or trained model folder, ready to fine-tune in float32.
+def fine_tune_base(parts: ModelParts) -> BaseModel:
+    """A loaded model folder (`load_model_folder`) made ready to fine-tune in float32.
 
-    It must hold `flow/` and either `labels/` or `text_encoder/`; a latent model (VAE factor > 1)
-    must hold `vae/` too. Quantised flows are refused: their weights cannot be trained.
+    It needs its condition encoder (labels or T5); quantised flows are refused: their weights
+    cannot be trained.
     """
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    flow = load_flow(folder)
+    flow, path = parts.flow, parts.folder.path
     config = flow.config
     if config.quantization:
-        raise ConfigError(f"{folder} is quantised ({config.quantization['bits']}-bit); fine-tune a float32/float16 conversion instead")
+        raise ConfigError(f"{path} is quantised ({config.quantization['bits']}-bit); fine-tune a float32/float16 conversion instead")
+    if parts.condition is None:
+        raise ConfigError(f"{path} has neither labels/ nor text_encoder/: training needs the condition encoder the model was made with")
     if config.dtype != "float32":
         flow.update(tree_map(lambda p: p.astype(mx.float32), flow.parameters()))
         flow.config = dataclasses.replace(config, dtype="float32")
-    labels = load_label_encoder(folder / "labels") if (folder / "labels").is_dir() else None
-    text = load_text_encoder(folder / "text_encoder") if labels is None and (folder / "text_encoder").is_dir() else None
-    if labels is None and text is None:
-        raise ConfigError(f"{folder} has neither labels/ nor text_encoder/: training needs the condition encoder the model was made with")
-    if labels is not None and labels.dim != config.txt_dim:
-        raise ConfigError(f"{folder}: labels/ has {len(labels.labels)} classes but the flow's condition width is {config.txt_dim}")
-    vae = None
-    if config.vae_factor > 1:
-        if not (folder / "vae").is_dir():
-            raise ConfigError(f"{folder} is a latent model without vae/: training needs the VAE to encode the images")
-        vae = load_vae(folder / "vae")
-    source = {"parent": str(folder.resolve()), "parent_manifest_sha256": sha256_file(folder / "manifest.json"),
-              "parent_sources": manifest.get("sources", [])}
-    return BaseModel(flow, labels, text, vae, folder, source)
+    source = {"parent": str(path.resolve()), "parent_manifest_sha256": sha256_file(path / MANIFEST_FILE),
+              "parent_sources": parts.folder.manifest.get("sources", [])}
+    return BaseModel(flow, parts.condition, parts.vae, path, source)
 
 
 # ---- data in model space (precomputed once per run) -------------------------------------------------
@@ -282,7 +276,7 @@ def encode_conditions(base: BaseModel, captions: tuple[str, ...]) -> tuple[np.nd
     row = {name: i for i, name in enumerate(names)}
     prompts = [*names, ""]
     length = base.flow.config.txt_size
-    table = mx.concatenate([base.text_encoder.encode(prompts[i : i + ENCODE_BATCH], length)
+    table = mx.concatenate([base.condition.encode(prompts[i : i + ENCODE_BATCH], length)
                             for i in range(0, len(prompts), ENCODE_BATCH)], axis=0)
     if table.shape[2] != base.flow.config.txt_dim:
         raise ConfigError(f"the text encoder gives {table.shape[2]}-wide states but the flow reads {base.flow.config.txt_dim}; use the model's own text_encoder/")
@@ -336,15 +330,14 @@ def heldout_bits_per_dim(model: StarFlow, data: ModelSpaceData, noise_std: float
 # ---- sample grids ------------------------------------------------------------------------------------
 
 
-def sample_images(base: BaseModel, model: StarFlow, conditions: mx.array, empty: mx.array, seed: int, guidance: float) -> np.ndarray:
-    """uint8 (B, 3, H, W) samples for condition rows (B, T, D), the score-step denoised as the
-    official sampler does; noise of image i is RandomState(seed + i), the project's convention."""
-    c = model.config
-    noise = seeded_noise([seed + i for i in range(conditions.shape[0])], c.in_channels, c.latent_size, c.latent_size)
-    y = mx.concatenate([conditions, mx.broadcast_to(empty, conditions.shape)]) if guidance > 0 else conditions
-    out = model.sample(noise, y, guidance=guidance)
-    out = model.denoise(out, conditions)
-    return decoded_to_uint8(out if base.vae is None else base.vae.decode(out))
+def sample_images(pipeline: StarFlowPipeline, conditions: mx.array, empty: mx.array, seed: int, guidance: float) -> np.ndarray:
+    """uint8 (B, 3, H, W) samples for condition rows (B, T, D) through the pipeline's stages
+    (guidance, sample, score-step denoise, decode); noise of image i is RandomState(seed + i)."""
+    side = image_size(pipeline.config)
+    noise = pipeline.noise([seed + i for i in range(conditions.shape[0])], side, side)
+    samples = pipeline.flow.sample(noise, with_guidance(conditions, empty, guidance), guidance=guidance)
+    denoised = mx.concatenate(list(pipeline.denoised(samples, conditions)), axis=0)
+    return decoded_to_uint8(pipeline.decode_pixels(denoised))
 
 
 # ---- provenance ---------------------------------------------------------------------------------------
@@ -411,25 +404,25 @@ def train(
         start, seconds, wall_before = state["step"], state["train_seconds"], state["wall_seconds"]
         if start >= settings.steps:
             raise TrainingError(f"{out} already finished its {settings.steps} steps; start a new run to train more")
-    elif out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} already exists; pass --resume to continue that run or --force to start over")
+    else:
+        check_new_run(out, force)
 
     conditions = encode_conditions(base, data.captions)
     space = to_model_space(base, data, conditions)
     train_space = _subset(space, train_rows)
     heldout_space = _subset(space, heldout_rows) if len(heldout_rows) else None
     if resume:
-        model.load_weights(str(out / MODEL_FOLDER / "flow" / "model.safetensors"), strict=True)
+        model.load_weights(str(out / LATEST / MODEL_FOLDER / "flow" / "model.safetensors"), strict=True)
     else:
-        for name in (MODEL_FOLDER, OPTIMIZER_FOLDER, SAMPLES_FOLDER):
-            shutil.rmtree(out / name, ignore_errors=True)
+        start_run(out)
     optimizer = make_optimizer(model, settings)
     if resume:
-        restore_optimizer(optimizer, model, out / OPTIMIZER_FOLDER)
+        restore_optimizer(optimizer, model, out / LATEST / OPTIMIZER_FOLDER)
     step_fn = make_train_step(model, optimizer, settings.grad_clip)
     warmup = settings.warmup_steps if settings.warmup_steps is not None else len(train_rows) // settings.batch_size
 
     prompts = _sample_prompts(space)
+    pipeline = base.pipeline()
     training = {
         "command": command, "parent": base.source, "data": data.source, "seed": settings.seed,
         "settings": settings.to_dict(), "warmup_steps_used": warmup, "training_images": len(train_rows),
@@ -450,7 +443,7 @@ def train(
 
     def samples(step: int) -> Path:
         path = out / SAMPLES_FOLDER / f"step-{step:06d}.png"
-        tiles = sample_images(base, model, prompts, space.table[-1:], settings.seed, settings.sample_guidance)
+        tiles = sample_images(pipeline, prompts, space.table[-1:], settings.seed, settings.sample_guidance)
         path.parent.mkdir(parents=True, exist_ok=True)
         grid = make_grid(list(tiles), columns=min(len(tiles), 8))
         save_png(Image.fromarray(grid.transpose(1, 2, 0)), path, {"step": str(step)}, overwrite=True)

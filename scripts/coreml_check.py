@@ -82,6 +82,7 @@ def prepare(model_dir: Path, export: Path, fixtures: Path | None) -> Check:
     from mlx_starflow.convert.coreml.manifest import MANIFEST_FILE, read_manifest
     from mlx_starflow.convert.coreml.pipeline import sample
     from mlx_starflow.flow import load_flow
+    from mlx_starflow.samplers import Jacobi
 
     if not (export / MANIFEST_FILE).is_file():
         export_coreml(model_dir, export, jacobi_block_sizes=(JACOBI_BLOCK,), force=export.exists())
@@ -104,11 +105,10 @@ def prepare(model_dir: Path, export: Path, fixtures: Path | None) -> Check:
 
     y = None if cond is None else mx.array(cond)
     sequential = np.array(flow.sample(mx.array(noise), y, guidance=GUIDANCE))
-    jacobi = np.array(flow.sample(mx.array(noise), y, guidance=GUIDANCE, jacobi=True, jacobi_block_size=JACOBI_BLOCK))
+    jacobi = np.array(flow.sample(mx.array(noise), y, guidance=GUIDANCE, sampler=Jacobi(JACOBI_BLOCK)))
     check.stages.append(Stage("flow sequential", lambda b: sample(manifest, b.block, noise, cond, GUIDANCE)[0][-1],
                               sequential, official.get("sequential"), ("block",)))
-    check.stages.append(Stage("flow jacobi", lambda b: sample(manifest, b.block, noise, cond, GUIDANCE, jacobi=True,
-                                                              jacobi_block_size=JACOBI_BLOCK)[0][-1],
+    check.stages.append(Stage("flow jacobi", lambda b: sample(manifest, b.block, noise, cond, GUIDANCE, Jacobi(JACOBI_BLOCK))[0][-1],
                               jacobi, None, ("block",)))
     if manifest["score_step"]:
         before = official.get("denoise_in", sequential)

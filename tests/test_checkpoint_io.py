@@ -23,6 +23,7 @@ import pytest
 from mlx_starflow.convert.checkpoint import TensorEntry, open_checkpoint
 from mlx_starflow.convert.pth_writer import TensorView, save_pth, write_pth
 from mlx_starflow.convert.safetensors_io import open_safetensors, safetensors_metadata, write_safetensors
+from mlx_starflow.config import FlowConfig
 from mlx_starflow.errors import ConfigError, ModelNotFound, WeightsError
 
 MiB = 1 << 20
@@ -292,6 +293,95 @@ def test_sharded_checkpoint_with_a_missing_shard_is_refused(fixtures_dir, tmp_pa
         (tmp_path / name).write_bytes((sharded / name).read_bytes())
     with pytest.raises(WeightsError, match=r"names shard model-00002-of-00002\.safetensors, which is missing"):
         open_checkpoint(tmp_path)
+
+
+def _set_declared_size(path: Path, member: str, size: int) -> None:
+    """Rewrite the uncompressed size the central directory declares for `member` (46 bytes before its name)."""
+    data = bytearray(path.read_bytes())
+    at = data.rindex(member.encode()) - 46
+    assert data[at : at + 4] == b"PK\x01\x02"
+    data[at + 24 : at + 28] = struct.pack("<I", size)
+    path.write_bytes(bytes(data))
+
+
+def _bomb(path: Path, member: str, inflated: int) -> None:
+    """A tiny torch zip whose `member` is deflated and inflates to `inflated` bytes of (mostly) zeros."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        if member != "data.pkl":
+            archive.writestr(f"{path.stem}/data.pkl", pickle.dumps({}, protocol=2))
+        info = zipfile.ZipInfo(f"{path.stem}/{member}")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with archive.open(info, "w") as entry:
+            chunk = b"little" + bytes((1 << 20) - 6)
+            for _ in range(inflated >> 20):
+                entry.write(chunk)
+
+
+@pytest.mark.parametrize("member", ["byteorder", "data.pkl"])
+def test_zip_bombs_are_refused_quickly_with_bounded_memory(tmp_path, member):
+    """Entries that inflate far past what torch writes are refused before (or while) inflating, never fully inflated."""
+    path = tmp_path / "bomb.pth"
+    _bomb(path, member, 64 << 20)
+    assert path.stat().st_size < 200_000
+    tracemalloc.start()
+    with pytest.raises(WeightsError, match=r"bomb\.pth: its \S*(byteorder|data\.pkl) (declares|is compressed)"):
+        open_checkpoint(path)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 4 * MiB
+    # the same entry declaring only a few bytes: inflation stops where the declaration ends
+    _set_declared_size(path, f"bomb/{member}", 6)
+    tracemalloc.start()
+    with pytest.raises(WeightsError, match=r"bomb\.pth"):
+        open_checkpoint(path)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 4 * MiB
+
+
+def test_big_endian_checkpoints_are_refused(tmp_path):
+    with zipfile.ZipFile(tmp_path / "big.pth", "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("big/data.pkl", pickle.dumps({}, protocol=2))
+        archive.writestr("big/byteorder", b"big")
+    with pytest.raises(WeightsError, match="stores big-endian data, which is not supported"):
+        open_checkpoint(tmp_path / "big.pth")
+
+
+def test_non_regular_files_are_refused_before_reading(tmp_path):
+    fifo = tmp_path / "pipe.pth"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(WeightsError, match=r"is not a regular file \(a device, FIFO or socket\); pass the checkpoint file itself"):
+            open_checkpoint(path)
+    with pytest.raises(WeightsError, match="is not a regular file"):
+        open_safetensors(fifo)
+
+
+def test_overlapping_safetensors_ranges_are_refused(tmp_path):
+    header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}
+    text = json.dumps(header).encode()
+    (tmp_path / "overlap.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + bytes(24))
+    with pytest.raises(WeightsError, match=r"overlap\.safetensors is corrupt: 'a' and 'b' overlap in the file"):
+        open_checkpoint(tmp_path / "overlap.safetensors")
+    header["b"]["data_offsets"] = [16, 32]
+    text = json.dumps(header).encode()
+    (tmp_path / "apart.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + bytes(32))
+    assert set(open_checkpoint(tmp_path / "apart.safetensors")) == {"a", "b"}
+
+
+def test_deeply_nested_json_is_refused_not_a_recursion_error(tmp_path):
+    deep = b'{"a":' * 200_000 + b"1" + b"}" * 200_000
+    (tmp_path / "deep.safetensors").write_bytes(struct.pack("<Q", len(deep)) + deep)
+    with pytest.raises(WeightsError, match=r"deep\.safetensors has a bad safetensors header \(nested deeper than 64 levels\)"):
+        open_checkpoint(tmp_path / "deep.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_bytes(b"[" * 200_000 + b"]" * 200_000)
+    with pytest.raises(WeightsError, match="nested deeper than 64 levels"):
+        open_checkpoint(tmp_path / "model.safetensors.index.json")
+    folder = tmp_path / "flow"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(deep)
+    with pytest.raises(ConfigError, match=r"config\.json as JSON \(nested deeper than 64 levels\)"):
+        FlowConfig.load(folder)
 
 
 # --- writing ----------------------------------------------------------------------------------

@@ -78,8 +78,12 @@ def test_an_existing_output_is_refused_unless_forced(label_model: Path, tmp_path
     (out / "keep.txt").write_text("mine")
     refused(capsys, ["export-coreml", str(label_model), "--out", str(out)], "already exists; pass --force", out)
     assert (out / "keep.txt").read_text() == "mine"
+    refused(capsys, ["export-coreml", str(label_model), "--out", str(out), "--force", "--no-score-step"], "--force will not replace it", out)
+    assert (out / "keep.txt").read_text() == "mine", "--force replaces only an export of ours"
+    (out / "keep.txt").unlink()
     assert main(["export-coreml", str(label_model), "--out", str(out), "--force", "--no-score-step"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    assert main(["export-coreml", str(label_model), "--out", str(out), "--force", "--no-score-step"]) == 0
+    assert (out / "manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
@@ -90,6 +94,7 @@ def test_a_failure_midway_leaves_nothing(label_model: Path, tmp_path: Path, monk
     out = tmp_path / "export"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    (out / "manifest.json").write_text('{"format": "mlx-starflow-coreml"}')  # an earlier export of ours
     written = []
 
     def save_then_fail(programs, path, *args, **kwargs):

@@ -34,6 +34,7 @@ from mlx_starflow.convert.coreml.backends import CoreMLBackend, EvaluatorBackend
 from mlx_starflow.convert.coreml.coremltools_api import CoreMLUnavailable, ct
 from mlx_starflow.convert.coreml.export import export_coreml
 from mlx_starflow.convert.coreml.pipeline import sample
+from mlx_starflow.samplers import Jacobi
 from mlx_starflow.convert.model import convert_model
 from mlx_starflow import load_flow
 from mlx_starflow.vae import load_vae
@@ -116,7 +117,7 @@ def label(label_model: Path) -> EvaluatorBackend:
 
 def test_manifest_follows_the_contract(shipped: Path, model: Path) -> None:
     manifest = json.loads((shipped / "manifest.json").read_text())
-    assert (manifest["format"], manifest["format_version"]) == ("mlx-starflow-coreml", 1)
+    assert (manifest["format"], manifest["format_version"]) == ("mlx-starflow-coreml", 2)
     assert (manifest["precision"], manifest["compression"], manifest["attention"], manifest["target"]) == ("float16", None, "original", "macOS15")
     assert manifest["image"] == {"height": 64, "width": 64, "channels": 3}
     assert manifest["latent"] == {"channels": 4, "height": 8, "width": 8, "patch_size": 1}
@@ -134,17 +135,19 @@ def test_manifest_follows_the_contract(shipped: Path, model: Path) -> None:
         assert b["cache_length"] == text + 64 + 16 - 1
         assert b["functions"]["step"] == {"1": "step_1", "16": "step_16"}
         assert ("prefill" in b["functions"]) == b["has_text"]
+        assert (b["functions"]["forward"], b["functions"]["vjp"]) == ("forward", "vjp")
         assert b["inputs"]["tokens"] == "tokens" and b["inputs"]["position"] == "position"
         assert b["outputs"] == {"scale_logit": "scale_logit", "shift": "shift"}
         assert b["packages"] == [f"FlowBlock{b['index']}.mlpackage"] == [b["package"]]
         np.testing.assert_array_equal(np.float32(b["sos"]), np.array(flow.blocks[b["index"]].sos).reshape(-1))
-    assert manifest["score_step"] == {"package": "ScoreStep.mlpackage", "inputs": {"latent": "latent", "text": "text"},
-                                      "output": "denoised", "noise_std": 0.3}
+    assert manifest["score_step"] == {
+        "noise_std": 0.3, "inputs": {"tokens": "tokens", "hidden": "hidden", "cotangent": "cotangent", "text": "text"},
+        "outputs": {"z": "z", "next_hidden": "next_hidden", "tokens_cotangent": "tokens_cotangent", "hidden_cotangent": "hidden_cotangent"}}
     assert manifest["vae"]["package"] == "VAEDecoder.mlpackage" and manifest["vae"]["scaling_factor"] == pytest.approx(0.18215)
     assert manifest["vae"]["factor"] == 8
     assert manifest["text_encoder"]["inputs"] == {"input_ids": "input_ids", "attention_mask": "attention_mask"}
     packages = sorted(p.name for p in shipped.glob("*.mlpackage"))
-    assert packages == sorted(["TextEncoder.mlpackage", "ScoreStep.mlpackage", "VAEDecoder.mlpackage", *(f"FlowBlock{i}.mlpackage" for i in range(6))])
+    assert packages == sorted(["TextEncoder.mlpackage", "VAEDecoder.mlpackage", *(f"FlowBlock{i}.mlpackage" for i in range(6))])
     assert sorted(manifest["weight_bytes"]) == packages
 
 
@@ -163,13 +166,14 @@ def test_every_package_carries_its_metadata(shipped: Path, sf: Path) -> None:
 def test_flow_block_functions_share_weights_and_keep_state(shipped: Path, model: Path) -> None:
     spec = ct.utils.load_spec(str(shipped / "FlowBlock5.mlpackage"))
     functions = {f.name: f for f in spec.description.functions}
-    assert sorted(functions) == ["prefill", "step_1", "step_16"]
-    for f in functions.values():
-        states = {s.name: list(s.type.stateType.arrayType.shape) for s in f.state}
+    assert sorted(functions) == ["forward", "prefill", "step_1", "step_16", "vjp"]
+    for name in ("prefill", "step_1", "step_16"):
+        states = {s.name: list(s.type.stateType.arrayType.shape) for s in functions[name].state}
         assert states == {f"{kind}_cache_{layer}": [2, 2, 95, 64] for kind in ("key", "value") for layer in (0, 1)}
+    assert not functions["vjp"].state and not functions["forward"].state
     params = sum(v.size for _, v in tree_flatten(load_flow(model).blocks[5].parameters()))
     weights = sum(p.stat().st_size for p in (shipped / "FlowBlock5.mlpackage").rglob("weight.bin"))
-    assert 2 * params < weights < 1.2 * 2 * params, "float16, and one copy of the weights for the three functions"
+    assert 2 * params < weights < 1.2 * 2 * params, "float16, and one copy of the weights for all five functions"
 
 
 # ---- float32: the official numbers --------------------------------------------------------------------
@@ -200,7 +204,7 @@ def official_iterations(sf: Path, run: str) -> list[int]:
 def test_jacobi_sampling_and_iteration_counts(exact: EvaluatorBackend, flow, sf: Path, bs: int, key: str, guidance: float) -> None:
     inputs, ref = load(sf / "inputs.safetensors"), load(sf / "jacobi.safetensors")
     text = inputs["y_cfg"] if guidance else inputs["y"]
-    seq, counts = sample(exact.manifest, exact.block, inputs["noise"], text, guidance, jacobi=True, jacobi_block_size=bs)
+    seq, counts = sample(exact.manifest, exact.block, inputs["noise"], text, guidance, Jacobi(bs, coupled=True))
     assert [n for block in counts for n in block] == official_iterations(sf, f"bs{bs}.{key}")
     for i in range(7):
         assert max_abs(seq[i], ref[f"bs{bs}.{key}.seq.{i}"]) < SAMPLE_TOL, f"bs{bs}.{key}.seq.{i}"
@@ -211,13 +215,13 @@ def test_padded_short_last_jacobi_chunk_matches_mlx(exact: EvaluatorBackend, flo
     iterations and sample as MLX's unpadded chunk."""
     inputs = load(sf / "inputs.safetensors")
     counts_mlx, sample_mlx = [], None
-    for p in flow.iter_sample(mx.array(inputs["noise"]), mx.array(inputs["y_cfg"]), guidance=2.5, jacobi=True, jacobi_block_size=12):
+    for p in flow.iter_sample(mx.array(inputs["noise"]), mx.array(inputs["y_cfg"]), guidance=2.5, sampler=Jacobi(12)):
         if p.chunk is not None:
             counts_mlx.append((p.chunk.size, p.chunk.iterations))
         if p.output is not None:
             sample_mlx = np.array(p.output)
     exact.per_call_seconds.clear()
-    seq, counts = sample(exact.manifest, exact.block, inputs["noise"], inputs["y_cfg"], 2.5, jacobi=True, jacobi_block_size=12)
+    seq, counts = sample(exact.manifest, exact.block, inputs["noise"], inputs["y_cfg"], 2.5, Jacobi(12))
     assert not any(label.endswith("step_4") for label in exact.per_call_seconds)
     assert [size for size, _ in counts_mlx][-1] == 4
     assert [n for block in counts for n in block] == [n for _, n in counts_mlx]

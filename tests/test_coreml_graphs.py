@@ -13,6 +13,7 @@ import importlib.util
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,6 +25,7 @@ pytest.importorskip("coremltools", reason="the Core ML export needs the coreml e
 from mlx_starflow.convert.coreml import mil_eval
 from mlx_starflow.convert.coreml.backends import EvaluatorBackend
 from mlx_starflow.convert.coreml.builder import Ops, build_program, tensor_spec
+from mlx_starflow.convert.coreml.compress import WeightCompression
 from mlx_starflow.convert.coreml.coremltools_api import load_program, mb
 from mlx_starflow.convert.coreml.export import export_coreml
 from mlx_starflow.convert.coreml.flow import BlockPlan, block_programs, cache_names, step_name, updated_name
@@ -38,7 +40,7 @@ from mlx_starflow.text_encoder import load_text_encoder
 from mlx_starflow.vae import load_vae
 from arrays import load, max_abs
 
-STEP_TOL, SAMPLE_TOL, TEXT_TOL, VAE_TOL = 1e-4, 2e-4, 1e-5, 2e-5
+STEP_TOL, SAMPLE_TOL, TEXT_TOL, VAE_TOL, DENOISE_TOL = 1e-4, 2e-4, 1e-5, 2e-5, 1e-4
 COMPRESSED_STEP_BUDGET = {"int8": 2e-2, "int4": 2e-1}
 """Max |Δ| of a compressed float16 block's step outputs against float32 MLX. Measured: float16
 alone 4.9e-4, int8 3.8e-3, int4 6.4e-2 (int8 keeps 8 bits per weight with a scale per output
@@ -136,18 +138,22 @@ def shallow_steps(flow, step: Callable[[np.ndarray, int], tuple[np.ndarray, np.n
 def test_compression_shrinks_the_linear_weights(flow, plain_shallow: Path, tmp_path: Path, compression: str) -> None:
     """Only attention/MLP linears are compressed: int8 ≈ 0.5× of float16 (+ a scale per output
     channel), int4 block 32 = (0.5 + 2/32)/2 = 0.281× (measured: 0.507 and 0.282; the whole
-    package, with its uncompressed projections, tables and norms: 0.537 and 0.326)."""
+    package, with its uncompressed projections, tables and norms: 0.537 and 0.326). The score
+    step's forward and vjp read the same compressed constants as the step: one copy in all."""
     arrays = block_arrays(flow, 0)
     path = tmp_path / "small.mlpackage"
-    save_package(block_programs(flow.config, arrays, SHALLOW, 0, "original", "float16"), path, info("float16", compression),
-                 {"linear": 128 * 128 - 1})
+    programs = block_programs(flow.config, arrays, replace(SHALLOW, score=True), 0, "original", "float16",
+                              compression=WeightCompression(compression, 128 * 128 - 1))
+    save_package(programs, path, info("float16", compression))
     linear = 2 * sum(a.size for k, a in arrays.items() if k.endswith(LINEARS))
     rest = package_weight_bytes(plain_shallow) - linear
     factor = (package_weight_bytes(path) - rest) / linear
     expected = (0.50, 0.52) if compression == "int8" else (0.28, 0.29)
     assert expected[0] <= factor <= expected[1], factor
     program = load_program(path)
-    assert sum(op.op_type == "constexpr_blockwise_shift_scale" for op in program.functions["step_1"].operations) == len(LINEARS)
+    for function in ("step_1", "forward", "vjp"):
+        ops = program.functions[function].operations
+        assert sum(op.op_type == "constexpr_blockwise_shift_scale" for op in ops) == len(LINEARS), function
     caches = {name: np.zeros((1, 2, SHALLOW.cache_length, 64), np.float16) for name in cache_names(0)}
 
     def step(tokens: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +179,8 @@ def test_split_einsum_layout_matches_original(flow, step_calls, tmp_path: Path) 
 
 
 def test_ios_export_splits_the_deep_block_under_the_limit(fixtures_dir: Path, tmp_path: Path) -> None:
-    """A limit between one and two layers splits the 2-layer deep block into two packages chained through `next_hidden` → `hidden`."""
+    """A limit between one and two layers splits the 2-layer deep block into two packages chained through `next_hidden` → `hidden`;
+    the iOS export keeps the score step, as `forward`/`vjp` in the split packages, and denoises like MLX."""
     sf = fixtures_dir / "starflow"
     convert_model(sf / "label_model" / "model.pth", sf / "label_model" / "config.yaml", tmp_path / "model")
     limit = 1.5 * 4 * 12 * 128 * 128
@@ -181,13 +188,18 @@ def test_ios_export_splits_the_deep_block_under_the_limit(fixtures_dir: Path, tm
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     deep = manifest["flow"]["blocks"][2]
     assert deep["packages"] == ["FlowBlock2_0.mlpackage", "FlowBlock2_1.mlpackage"] and deep["layers"] == [[0], [1]]
-    assert manifest["score_step"] is None and manifest["target"] == "iOS18"
+    assert manifest["score_step"]["noise_std"] > 0 and manifest["target"] == "iOS18"
+    assert all(deep["functions"][name] == name for name in ("forward", "vjp"))
     assert all(size < limit for size in manifest["weight_bytes"].values())
     backend = EvaluatorBackend(tmp_path / "export")
     ref = load(sf / "label_model" / "fixtures.safetensors")
     seq, _ = sample(manifest, backend.block, ref["noise"], ref["y_cfg"], 2.5)
     for i in range(4):
         assert max_abs(seq[i], ref[f"g2p5.seq.{i}"]) < SAMPLE_TOL, f"g2p5.seq.{i}"
+    flow = load_flow(tmp_path / "model")
+    latent = ref["x_noisy"][:1]
+    expected = np.array(flow.denoise(mx.array(latent), mx.array(ref["y"][:1])))
+    assert max_abs(backend.denoise(latent, ref["y"][:1]), expected) < DENOISE_TOL
 
 
 def test_text_encoder_split_in_two_matches_official(model: Path, fixtures_dir: Path, tmp_path: Path) -> None:

@@ -76,3 +76,17 @@ def test_cli_writes_the_data_set(tmp_path, capsys):
     assert len(list((tmp_path / "d" / "images").glob("*.png"))) == 12
     assert main(["demo-data", str(tmp_path / "d"), "--count", "12"]) == 1
     assert "--force" in capsys.readouterr().err
+
+
+def test_force_replaces_a_previous_data_set_only(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["demo-data", str(out), "--count", "12", "--size", "8"]) == 0
+    assert main(["demo-data", str(out), "--count", "24", "--size", "8", "--force"]) == 0
+    assert len(list((out / "images").glob("*.png"))) == 24
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "captions.tsv").write_text("my own\tcaptions\n")
+    assert main(["demo-data", str(mine), "--count", "12", "--size", "8", "--force"]) == 1
+    err = capsys.readouterr().err
+    assert "--force will not replace it" in err and len(err.strip().splitlines()) == 1
+    assert (mine / "captions.tsv").read_text() == "my own\tcaptions\n" and not (mine / "images").exists()

@@ -9,6 +9,7 @@ traceback and leave no file behind.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import mlx_starflow.app.commands.generate as generate_command
 import mlx_starflow.app.commands.score as score_command
 from mlx_starflow.app.cli import main
 from mlx_starflow import load
+from mlx_starflow.errors import ModelNotFound
 from mlx_starflow.image import pil_to_uint8
 from mlx_starflow.pipeline import StarFlowPipeline
 
@@ -252,6 +254,46 @@ def test_info_on_the_shipped_demo_model(capsys):
     assert code == 0, err
     for fragment in ("flow", "labels", "12 labels", "32x32", "configs/demo.yaml", "starflow train", "trained: 3000 steps"):
         assert fragment in out, out
+
+
+def test_info_lists_local_model_folders_and_verifies_them(tmp_path, capsys, monkeypatch):
+    """Folders converted with `--out weights/…` are listed; `--verify` finds a flipped byte
+    that leaves the file's size unchanged."""
+    monkeypatch.setenv("STARFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    copy = tmp_path / "weights" / "my-model"
+    shutil.copytree(DEMO, copy)
+    (tmp_path / "weights" / "notes").mkdir()
+    code, out, err = run(capsys, "info")
+    assert code == 0, err
+    assert "weights/my-model" in out and "notes" not in out
+    code, out, err = run(capsys, "info", "weights")
+    assert code == 0 and "weights/my-model" in out and "ready" in out, err
+    code, out, err = run(capsys, "info", "--verify", copy)
+    assert code == 0 and f"verified {copy}" in out, err
+    weights = copy / "flow" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    code, out, err = run(capsys, "info", "--verify", tmp_path / "weights")
+    assert_clean_failure(code, err, tmp_path / "none", "model.safetensors", "sha256")
+    code, out, err = run(capsys, "info", "--verify")
+    assert_clean_failure(code, err, tmp_path / "none", "--verify", "model folders you name")
+
+
+def test_generate_passes_local_companions_on(tmp_path, capsys, monkeypatch):
+    seen = {}
+
+    def resolve(model, *args, **kwargs):
+        seen.update(kwargs, model=model)
+        raise ModelNotFound("stopped after resolving")
+
+    monkeypatch.setattr(generate_command, "resolve_model", resolve)
+    code, _, err = run(capsys, "generate", PROMPT, "--model", tmp_path / "ckpt.pth", "--text-encoder", tmp_path / "t5",
+                       "--vae", tmp_path / "vae", "--decoder", tmp_path / "decoder.bin", "-o", tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path / "out", "stopped after resolving")
+    assert (seen["text_encoder"], seen["vae"], seen["decoder"]) == (tmp_path / "t5", tmp_path / "vae", tmp_path / "decoder.bin")
 
 
 def test_info_on_a_component_folder_names_the_model_folder(capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ import pytest
 from mlx_starflow.app.cli import main
 from mlx_starflow.convert import hub
 from mlx_starflow import load
-from mlx_starflow.errors import ModelNotFound
+from mlx_starflow.errors import InputError, ModelNotFound
+from mlx_starflow.samplers import Sequential
+from mlx_starflow.samplers import Sequential
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 CHECKPOINT = "starflow_3B_t2i_256x256.pth"
@@ -85,7 +88,7 @@ def test_first_run_converts_once_then_reuses(cached, fixtures_dir, monkeypatch):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["components"] == ["flow", "text_encoder", "vae"]
     assert manifest["origin"] == {"checkpoint_sha256": sha, "google/flan-t5-xl": REVISION, "stabilityai/sd-vae-ft-ema": REVISION}
-    assert load(folder).generate("a cat", seed=0, jacobi=False)[0].size == (64, 64)
+    assert load(folder).generate("a cat", seed=0, sampler=Sequential())[0].size == (64, 64)
 
     stamp = (folder / "manifest.json").stat().st_mtime_ns
     again, messages = resolve()
@@ -120,26 +123,126 @@ def test_other_t5_weight_layouts(env, fixtures_dir, layout):
     assert load(folder).condition.encoder.config.d_model == 32
 
 
-def test_incomplete_snapshot_is_not_complete(env, fixtures_dir):
+def sharded_t5(fixtures_dir: Path, shards: tuple[int, ...] = (1, 2)) -> dict[str, Path]:
+    """flan-t5-xl as the real repository lays it out: config, tokenizer, index and shards (tiny sizes)."""
     t5 = fixtures_dir / "t5"
-    snapshot = put_repo(env / "hub", "google/flan-t5-xl", {"config.json": t5 / "config.json", "tokenizer.json": t5 / "tokenizer.json",
-                        "model.safetensors.index.json": t5 / "sharded" / "model.safetensors.index.json",
-                        "model-00001-of-00002.safetensors": t5 / "sharded" / "model-00001-of-00002.safetensors"})
-    assert hub.local_snapshot(hub.HUB_FILES["google/flan-t5-xl"]) is None
-    shutil.copyfile(t5 / "sharded" / "model-00002-of-00002.safetensors", snapshot / "model-00002-of-00002.safetensors")
-    assert hub.local_snapshot(hub.HUB_FILES["google/flan-t5-xl"]) == snapshot
+    files = {name: t5 / name for name in ("config.json", "tokenizer.json", "spiece.model")}
+    files["model.safetensors.index.json"] = t5 / "sharded" / "model.safetensors.index.json"
+    files.update({f"model-0000{i}-of-00002.safetensors": t5 / "sharded" / f"model-0000{i}-of-00002.safetensors" for i in shards})
+    return files
 
 
-def test_offline_without_files_says_what_to_download_and_where(env, fixtures_dir, capsys):
+def test_only_the_shards_holding_the_encoder_are_needed(env, fixtures_dir):
+    """The fixture index puts `shared` and the whole encoder in shard 1, the decoder across both
+    (as flan-t5-xl's real index does): shard 1 alone is a complete cache entry, shard 2 alone is not."""
+    t5 = hub.HUB_FILES["google/flan-t5-xl"]
+    index = json.loads((fixtures_dir / "t5" / "sharded" / "model.safetensors.index.json").read_text())
+    assert hub.index_shards(index, t5.needed_keys) == ["model-00001-of-00002.safetensors"]
+    assert hub.index_shards(index, ()) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    snapshot = put_repo(env / "hub", "google/flan-t5-xl", sharded_t5(fixtures_dir, shards=(2,)))
+    assert hub.local_snapshot(t5) is None
+    put_repo(env / "hub", "google/flan-t5-xl", sharded_t5(fixtures_dir, shards=(1,)))
+    (snapshot / "model-00002-of-00002.safetensors").unlink()
+    assert hub.local_snapshot(t5) == snapshot
+
+
+def test_an_encoder_only_cache_converts_and_generates(env, fixtures_dir):
+    files = repo_files(fixtures_dir)
+    files["google/flan-t5-xl"] = sharded_t5(fixtures_dir, shards=(1,))
+    for repo_id, repo in files.items():
+        put_repo(env / "hub", repo_id, repo)
+    folder, _ = resolve(offline=True)
+    assert load(folder).generate("a cat", seed=0, sampler=Sequential(), denoise="none")[0].size == (64, 64)
+
+
+def test_offline_without_files_says_what_to_download_and_where(env, fixtures_dir, capsys, monkeypatch):
     put_repo(env / "hub", "apple/starflow", repo_files(fixtures_dir)["apple/starflow"])
+    monkeypatch.setattr(hub, "convert_model", lambda *a, **k: pytest.fail("no conversion may start"))
     out = env / "out"
+    started = time.perf_counter()
     code = main(["generate", "a cat", "--offline", "-o", str(out)])
+    elapsed = time.perf_counter() - started
     err = capsys.readouterr().err
-    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    for fragment in ("offline", str(env / "hub"), "google/flan-t5-xl", "tokenizer.json", "hf download stabilityai/sd-vae-ft-ema"):
-        assert fragment in err, err
-    assert "apple/starflow:" not in err, "the checkpoint is cached and must not be listed"
+    assert code == 1 and "Traceback" not in err and elapsed < 5
+    first, *commands = err.strip().splitlines()
+    assert "offline" in first and str(env / "hub") in first and "google/flan-t5-xl" in first
+    assert commands == [
+        "hf download google/flan-t5-xl config.json tokenizer.json model.safetensors.index.json model-00001-of-00002.safetensors",
+        "hf download stabilityai/sd-vae-ft-ema config.json diffusion_pytorch_model.safetensors",
+    ], "the checkpoint is cached and must not be listed; the files are the real repositories' names"
     assert not out.exists() and not (env / "home" / "models").exists()
+
+
+def test_offline_with_nothing_cached_names_every_repository(env, capsys):
+    code = main(["generate", "a cat", "--offline"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert [line.split()[2] for line in err.strip().splitlines()[1:]] == ["apple/starflow", "google/flan-t5-xl", "stabilityai/sd-vae-ft-ema"]
+    assert "hf download apple/starflow starflow_3B_t2i_256x256.pth" in err
+
+
+def test_local_components_need_no_cache(env, fixtures_dir, tmp_path):
+    """A fully local, offline run: a checkpoint file and the two companions' folders, an empty cache."""
+    local = tmp_path / "ckpt" / "model.pth"
+    local.parent.mkdir()
+    shutil.copyfile(fixtures_dir / "starflow" / "model.pth", local)
+    t5 = tmp_path / "flan-t5-xl"
+    t5.mkdir()
+    for name, source in sharded_t5(fixtures_dir, shards=(1,)).items():
+        shutil.copyfile(source, t5 / name)
+    vae = fixtures_dir / "vae"
+    folder = hub.resolve_model(str(local), dtype="float32", offline=True, text_encoder=t5, vae=vae,
+                               decoder=vae / "finetuned" / "pytorch_model.bin")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["components"] == ["flow", "text_encoder", "vae", "decoder"]
+    assert manifest["origin"]["google/flan-t5-xl"] == f"local {t5.resolve()}"
+    assert load(folder).decoder is not None
+    assert not (env / "hub").exists()
+    with pytest.raises(InputError, match="apply only when converting"):
+        hub.resolve_model(str(folder), vae=vae)
+    (t5 / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(ModelNotFound, match="lacks the files of a google/flan-t5-xl folder"):
+        hub.resolve_model(str(local), offline=True, text_encoder=t5, vae=vae)
+
+
+def fake_hub(monkeypatch, files: dict[str, dict[str, Path]]) -> list[tuple[str, tuple[str, ...]]]:
+    """huggingface_hub's listing and downloads served from `files`; returns the (repo, files) fetched."""
+    import huggingface_hub
+
+    fetched: list[tuple[str, tuple[str, ...]]] = []
+
+    def fake_snapshot(repo_id, *, allow_patterns=None, cache_dir=None, **kwargs):
+        fetched.append((repo_id, tuple(allow_patterns)))
+        return str(put_repo(Path(cache_dir), repo_id, {n: p for n, p in files[repo_id].items() if n in allow_patterns}))
+
+    def fake_file(repo_id, filename, *, cache_dir=None, **kwargs):
+        fetched.append((repo_id, (filename,)))
+        return str(put_repo(Path(cache_dir), repo_id, {filename: files[repo_id][filename]}) / filename)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, **k: sorted(files[repo_id]) + ["README.md"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_file)
+    return fetched
+
+
+@pytest.mark.parametrize("names,expected", [
+    (["starflow-v_7B_t2v_480p.pth", "starflow_3B_t2i_v2.pth"], "starflow_3B_t2i_v2.pth"),
+    (["starflow_3B_t2i_256.pth", "starflow_3B_t2i_512.pth"], "several text-to-image checkpoints (starflow_3B_t2i_256.pth, starflow_3B_t2i_512.pth)"),
+    (["starflow-v_7B_t2v_480p.pth"], "it has README.md, starflow-v_7B_t2v_480p.pth)"),
+])
+def test_the_checkpoint_is_found_by_pattern_or_the_files_are_named(env, fixtures_dir, monkeypatch, names, expected):
+    files = repo_files(fixtures_dir)
+    files["apple/starflow"] = {name: fixtures_dir / "starflow" / "model.pth" for name in names}
+    fetched = fake_hub(monkeypatch, files)
+    if expected.endswith(".pth"):
+        folder, _ = resolve()
+        assert fetched[0] == ("apple/starflow", (expected,))
+        load(folder)
+        assert resolve(offline=True)[0] == folder, "the picked file counts as cached"
+    else:
+        with pytest.raises(ModelNotFound) as failure:
+            resolve()
+        assert expected in str(failure.value) and [repo for repo, _ in fetched] == []
 
 
 def test_offline_reuses_a_conversion_when_the_cache_is_gone(cached, monkeypatch):
@@ -149,30 +252,18 @@ def test_offline_reuses_a_conversion_when_the_cache_is_gone(cached, monkeypatch)
     assert again == folder and messages == []
 
 
-def test_download_shows_the_licence_once_and_picks_the_available_layout(env, fixtures_dir, monkeypatch):
-    import huggingface_hub
-
+def test_download_shows_the_licence_once_and_fetches_only_the_encoder_shards(env, fixtures_dir, monkeypatch):
     files = repo_files(fixtures_dir)
-    t5 = fixtures_dir / "t5" / "sharded"
-    files["google/flan-t5-xl"] = {**{n: fixtures_dir / "t5" / n for n in ("config.json", "tokenizer.json", "spiece.model")},
-                                  **{p.name: p for p in t5.iterdir() if p.name != "config.json"}}
-    fetched: list[tuple[str, tuple[str, ...]]] = []
-    real_snapshot = huggingface_hub.snapshot_download
-
-    def fake_download(repo_id, *, allow_patterns=None, local_files_only=False, cache_dir=None, **kwargs):
-        if local_files_only:
-            return real_snapshot(repo_id, allow_patterns=allow_patterns, local_files_only=True, cache_dir=cache_dir)
-        fetched.append((repo_id, tuple(allow_patterns)))
-        wanted = {n: p for n, p in files[repo_id].items() if any(Path(n).match(pattern) for pattern in allow_patterns)}
-        return str(put_repo(Path(cache_dir), repo_id, wanted))
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, **k: sorted(files[repo_id]) + ["README.md"])
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    files["google/flan-t5-xl"] = sharded_t5(fixtures_dir)
+    fetched = fake_hub(monkeypatch, files)
     folder, messages = resolve()
     assert sum("non-commercial research only" in message for message in messages) == 1
-    assert [repo for repo, _ in fetched] == ["apple/starflow", "google/flan-t5-xl", "stabilityai/sd-vae-ft-ema"]
-    t5_patterns = dict(fetched)["google/flan-t5-xl"]
-    assert "model.safetensors.index.json" in t5_patterns and "model.safetensors" not in t5_patterns and "pytorch_model.bin" not in t5_patterns
+    assert fetched == [
+        ("apple/starflow", (CHECKPOINT,)),
+        ("google/flan-t5-xl", ("model.safetensors.index.json",)),
+        ("google/flan-t5-xl", ("config.json", "tokenizer.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors", "spiece.model")),
+        ("stabilityai/sd-vae-ft-ema", ("config.json", "diffusion_pytorch_model.safetensors")),
+    ]
     load(folder)
     fetched.clear()
     again, messages = resolve()
@@ -188,10 +279,10 @@ def test_failed_download_is_one_actionable_line(env, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
     with pytest.raises(ModelNotFound, match=r"could not download apple/starflow \(ConnectionError: Name or service not known\)") as failure:
         resolve()
-    message = str(failure.value)
-    assert "\n" not in message and str(env / "hub") in message and "--offline" in message
-    for repo_id in ("apple/starflow", "google/flan-t5-xl", "stabilityai/sd-vae-ft-ema"):
-        assert f"hf download {repo_id}" in message
+    first, *commands = str(failure.value).splitlines()
+    assert str(env / "hub") in first and "--offline" in first
+    assert [command.split()[:3] for command in commands] == [["hf", "download", repo_id] for repo_id in
+                                                             ("apple/starflow", "google/flan-t5-xl", "stabilityai/sd-vae-ft-ema")]
 
 
 def test_a_local_checkpoint_path_converts_with_cached_companions(cached, fixtures_dir, tmp_path):

@@ -19,10 +19,11 @@ import pytest
 from mlx_starflow.convert.model import convert_model
 from mlx_starflow import load
 from mlx_starflow.config import FlowConfig
-from mlx_starflow.errors import ConfigError, ModelNotFound
+from mlx_starflow.errors import ConfigError, InputError, ModelNotFound
 from mlx_starflow.image import decoded_to_uint8, pil_to_uint8
 from mlx_starflow.labels import UnknownLabel
 from mlx_starflow.pipeline import ENCODE_CHUNK, MAX_SEED, check_sampling, check_seed, check_seeds, default_batch_size, seeded_noise
+from mlx_starflow.samplers import Jacobi, Sequential
 
 SAMPLE_TOL = 2e-4
 DECODE_TOL = 2e-5
@@ -81,7 +82,7 @@ def assert_uint8_close(ours: np.ndarray, ref: np.ndarray) -> None:
 def test_label_model_generation_matches_the_official_samples(label_pipe, label_ref, monkeypatch, guidance, key, prompts):
     """Condition rows (conditional, then the empty class), guidance and block order, end to end."""
     monkeypatch.setattr(label_pipe, "noise", lambda seeds, width, height: label_ref["noise"][: len(seeds)])
-    sample, images = final_sample(label_pipe, prompts, seed=0, guidance=guidance, jacobi=False, denoise="none", batch_size=2)
+    sample, images = final_sample(label_pipe, prompts, seed=0, guidance=guidance, sampler=Sequential(), denoise="none", batch_size=2)
     assert mx.abs(sample - label_ref[key]).max().item() < SAMPLE_TOL
     ours = np.stack([pil_to_uint8(image) for image in images])
     assert_uint8_close(ours, decoded_to_uint8(label_ref[key]))
@@ -128,7 +129,7 @@ def test_text_generation_uses_conditional_then_empty_prompt_rows(text_pipe, monk
     uncond = text_pipe.encode([""])
     assert mx.all(uncond[0, 1:] == 0).item() and mx.any(uncond[0, 0] != 0).item()
     y = mx.concatenate([text_pipe.encode(prompts), uncond, uncond], axis=0)
-    expected = text_pipe.flow.sample(noise, y, guidance=3.6, jacobi=True)
+    expected = text_pipe.flow.sample(noise, y, guidance=3.6, sampler=Jacobi())
     sample, _ = final_sample(text_pipe, prompts, seed=3, denoise="none", batch_size=2)
     assert mx.abs(sample - expected).max().item() < 1e-5
 
@@ -143,7 +144,7 @@ def test_each_distinct_prompt_and_the_empty_prompt_are_encoded_once(text_pipe, m
     calls = []
     real_encode = text_pipe.condition.encode
     monkeypatch.setattr(text_pipe.condition, "encode", lambda batch, length: calls.append(list(batch)) or real_encode(batch, length))
-    sample, _ = final_sample(text_pipe, prompts, seed=5, jacobi=False, denoise="none", batch_size=4)
+    sample, _ = final_sample(text_pipe, prompts, seed=5, sampler=Sequential(), denoise="none", batch_size=4)
     assert calls == [["a cat", "a dog", ""]]
     assert mx.abs(sample - expected).max().item() < 1e-5
 
@@ -156,10 +157,10 @@ def test_distinct_prompts_beyond_one_encoder_call_keep_their_rows(text_pipe):
 
 
 def test_a_seed_sequence_gives_each_image_its_own_seed(text_pipe):
-    pair = text_pipe.generate(["a cat", "a cat"], seed=[22, 20], batch_size=1, jacobi=False, denoise="none")
+    pair = text_pipe.generate(["a cat", "a cat"], seed=[22, 20], batch_size=1, sampler=Sequential(), denoise="none")
     assert [image.info["seed"] for image in pair] == ["22", "20"]
     for image, seed in zip(pair, (22, 20)):
-        alone = text_pipe.generate("a cat", seed=seed, jacobi=False, denoise="none")[0]
+        alone = text_pipe.generate("a cat", seed=seed, sampler=Sequential(), denoise="none")[0]
         assert np.array_equal(pil_to_uint8(image), pil_to_uint8(alone))
 
 
@@ -175,23 +176,33 @@ def test_seed_sequences_are_checked():
 @pytest.mark.parametrize("settings,name", [
     ({"guidance": -1.0}, "--guidance"),
     ({"guidance": math.nan}, "--guidance"),
-    ({"jacobi_block_size": 0}, "--jacobi-block-size"),
-    ({"jacobi_threshold": -1e-3}, "--jacobi-threshold"),
-    ({"jacobi_max_iter": 0}, "--jacobi-max-iter"),
     ({"denoise_choice": "foo"}, "--denoise"),
 ])
 def test_sampling_settings_are_checked_naming_the_option(text_pipe, settings, name):
-    defaults = {"guidance": 3.6, "jacobi": True, "jacobi_block_size": 16, "jacobi_threshold": 1e-3, "jacobi_max_iter": 32,
-                "denoise_choice": None}
-    with pytest.raises(ValueError, match=name):
+    defaults = {"guidance": 3.6, "denoise_choice": None}
+    with pytest.raises(InputError, match=name):
         check_sampling(**{**defaults, **settings})
     call = {("denoise" if key == "denoise_choice" else key): value for key, value in settings.items()}
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(InputError, match=name):
         next(text_pipe.iter_generate("a cat", seed=0, **call))
 
 
-def test_jacobi_settings_do_not_matter_when_sampling_sequentially():
-    check_sampling(0.0, False, 0, -1.0, 0, "none")
+@pytest.mark.parametrize("settings,name", [
+    ({"block_size": 0}, "--jacobi-block-size"),
+    ({"block_size": 2.5}, "--jacobi-block-size"),
+    ({"threshold": -1e-3}, "--jacobi-threshold"),
+    ({"threshold": math.inf}, "--jacobi-threshold"),
+    ({"max_iter": 0}, "--jacobi-max-iter"),
+])
+def test_samplers_check_their_settings_naming_the_option(settings, name):
+    with pytest.raises(InputError, match=name):
+        Jacobi(**settings)
+
+
+def test_samplers_describe_themselves_as_the_png_metadata_always_has():
+    assert Sequential().describe() == "sequential"
+    assert Jacobi().describe() == "jacobi block=16 threshold=0.001 max_iter=32"
+    assert Jacobi(8, 1e-4, 5, coupled=True).describe() == "jacobi block=8 threshold=0.0001 max_iter=5 coupled"
 
 
 def test_defaults_and_metadata(text_pipe):
@@ -204,8 +215,8 @@ def test_defaults_and_metadata(text_pipe):
 
 
 def test_seeds_count_up_and_repeat_exactly(text_pipe):
-    three = text_pipe.generate(["a cat"] * 3, seed=20, batch_size=1, jacobi=False)
-    again = text_pipe.generate(["a cat"], seed=21, jacobi=False)
+    three = text_pipe.generate(["a cat"] * 3, seed=20, batch_size=1, sampler=Sequential())
+    again = text_pipe.generate(["a cat"], seed=21, sampler=Sequential())
     assert [image.info["seed"] for image in three] == ["20", "21", "22"]
     assert np.array_equal(pil_to_uint8(three[1]), pil_to_uint8(again[0]))
     assert not np.array_equal(pil_to_uint8(three[0]), pil_to_uint8(three[1]))
@@ -217,7 +228,7 @@ def test_non_square_size(text_pipe):
 
 
 def test_progress_runs_encode_then_blocks_deep_first_then_decode(text_pipe):
-    items = list(text_pipe.iter_generate(["a", "b", "c"], seed=0, batch_size=2, jacobi=False))
+    items = list(text_pipe.iter_generate(["a", "b", "c"], seed=0, batch_size=2, sampler=Sequential()))
     assert items[0].phase == "encode" and items[-1].phase == "done"
     finished = [(item.batch, item.sample.block) for item in items if item.phase == "sample" and item.sample.output is not None]
     assert finished == [(b, k) for b in (0, 1) for k in (5, 4, 3, 2, 1, 0)]
@@ -229,7 +240,7 @@ def test_progress_runs_encode_then_blocks_deep_first_then_decode(text_pipe):
 def test_long_prompt_is_truncated_with_a_note_and_empty_prompt_is_allowed(text_pipe):
     long = " ".join(["piano"] * 40)
     assert text_pipe.check_prompts([long, ""])[0].startswith("prompt 'piano piano")
-    items = list(text_pipe.iter_generate([long, ""], seed=0, jacobi=False, denoise="none"))
+    items = list(text_pipe.iter_generate([long, ""], seed=0, sampler=Sequential(), denoise="none"))
     assert len(items[0].notes) == 1 and "only the first 15" in items[0].notes[0]
     assert sum(len(item.images) for item in items) == 2
 
@@ -237,7 +248,7 @@ def test_long_prompt_is_truncated_with_a_note_and_empty_prompt_is_allowed(text_p
 def test_label_model_rejects_unknown_labels_and_takes_the_empty_class(label_pipe):
     with pytest.raises(UnknownLabel, match="airplane"):
         label_pipe.generate("dragon", seed=0)
-    assert label_pipe.generate("", seed=0, jacobi=False)[0].size == (16, 16)
+    assert label_pipe.generate("", seed=0, sampler=Sequential())[0].size == (16, 16)
 
 
 @pytest.mark.parametrize("seed,count", [(-1, 1), (MAX_SEED + 1, 1), (MAX_SEED - 1, 3)])

@@ -130,9 +130,26 @@ def test_converted_folder_is_complete(converted: dict[str, Path]) -> None:
     assert manifest["kind"] == T5Config.KIND
     assert set(manifest["files"]) == {"config.json", "model.safetensors", *TOKENIZER_FILES}
     sources = [source["path"] for source in manifest["sources"]]
-    assert "model-00001-of-00002.safetensors" in sources and "model-00002-of-00002.safetensors" in sources
+    # shard 2 holds only decoder weights and lm_head: the encoder is not made from it
+    assert "model-00001-of-00002.safetensors" in sources and "model-00002-of-00002.safetensors" not in sources
     config = T5Config.load(folder)
     assert (config.d_model, config.num_layers, config.vocab_size, config.layer_norm_epsilon) == (32, 2, 1024, 1e-6)
+
+
+def test_sharded_folder_without_the_decoder_shard_converts(t5_dir: Path, converted: dict, tmp_path: Path) -> None:
+    """flan-t5-xl as the hub downloads it for us: the index and only the shards holding encoder weights."""
+    src = hf_folder(t5_dir, "sharded", tmp_path / "src")
+    (src / "model-00002-of-00002.safetensors").unlink()
+    folder = convert_t5(src, tmp_path / "out")
+    assert mx.load(str(folder / "model.safetensors")).keys() == mx.load(str(converted["."] / "model.safetensors")).keys()
+
+
+def test_sharded_folder_without_an_encoder_shard_is_refused(t5_dir: Path, tmp_path: Path) -> None:
+    src = hf_folder(t5_dir, "sharded", tmp_path / "src")
+    (src / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(WeightsError, match=r"names shard model-00001-of-00002\.safetensors, which is missing"):
+        convert_t5(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_convert_to_float16_keeps_values_within_rounding(t5_dir: Path, converted: dict, tmp_path: Path) -> None:
@@ -182,5 +199,10 @@ def test_existing_output_needs_force(t5_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="--force"):
         convert_t5(src, out)
     assert (out / "keep.txt").read_text() == "user data"
+    with pytest.raises(FileExistsError, match="--force will not replace it"):
+        convert_t5(src, out, force=True)
+    assert (out / "keep.txt").read_text() == "user data", "--force never deletes what we did not write"
+    (out / "keep.txt").unlink()
     convert_t5(src, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    convert_t5(src, out, force=True)
+    assert (out / "model.safetensors").is_file()

@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -16,17 +21,19 @@ import pytest
 from PIL import Image
 
 import mlx_starflow.app.commands.train as train_command
+import mlx_starflow.train as train_module
 from mlx_starflow.app.cli import main
 from mlx_starflow.convert.model import convert_model
 from mlx_starflow.convert.official_config import flow_config, read_official_config
-from mlx_starflow.convert.t5 import convert_t5
-from mlx_starflow.convert.vae import convert_vae
 from mlx_starflow import load_flow
 from mlx_starflow.dataset import fit_square, load_image_folder
 from mlx_starflow.demo_data import LABELS, render, write_demo_data
 from mlx_starflow.errors import ConfigError
 from mlx_starflow.flow import StarFlow
-from mlx_starflow.train import TrainSettings, learning_rate, load_base_model, new_label_model, objective, train
+from mlx_starflow.model_folder import load_model_folder
+from mlx_starflow.run_folder import read_run_state
+from mlx_starflow.text_encoder import TextEncoder
+from mlx_starflow.train import TrainSettings, fine_tune_base, learning_rate, new_label_model, objective, train
 
 LOSS_TOL = 1e-5
 """Loss scalars against the official fixture (fixtures/starflow/README.md §7: 1e-5)."""
@@ -189,13 +196,14 @@ def test_resume_continues_with_the_same_optimizer_state(tiny, tmp_path):
     assert state["step"] == 6
 
 
-def test_ctrl_c_writes_a_checkpoint_that_resume_finishes(tiny, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_writes_a_checkpoint_that_resume_finishes(tiny, tmp_path, capsys, monkeypatch, signum):
     real = train_command.train_model
 
     def interrupted(*args, **kwargs):
         for item in real(*args, **kwargs):
             if item.step == 2:
-                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signum)
             yield item
 
     monkeypatch.setattr(train_command, "train_model", interrupted)
@@ -211,14 +219,101 @@ def test_ctrl_c_writes_a_checkpoint_that_resume_finishes(tiny, tmp_path, capsys,
     assert json.loads((out / "model" / "manifest.json").read_text())["training"]["step"] == 8
 
 
+WRITES = [(Path, "write_text"), (Path, "mkdir"), (Path, "rename"), (os, "replace"), (os, "symlink"), (shutil, "rmtree"),
+          (mx, "save_safetensors"), (tempfile, "mkdtemp")]
+"""Every way a checkpoint touches the disk: the test interrupts each call in turn."""
+
+
+def test_a_checkpoint_interrupted_at_any_write_leaves_a_resumable_run(tiny, tmp_path, monkeypatch):
+    """Ctrl-C twice (or a kill) may land anywhere in a checkpoint: the run must resume from the
+    previous or the new checkpoint and end with the weights of an uninterrupted run."""
+    collect(tiny, tmp_path / "straight")
+    final = mx.load(str(tmp_path / "straight" / "model" / "flow" / "model.safetensors"))
+    stopped = tmp_path / "stopped"
+    collect(tiny, stopped, stop_after=3)
+    calls = {"armed": False, "count": 0, "fail_at": 0}
+
+    def counted(original):
+        def write(*args, **kwargs):
+            if calls["armed"]:
+                calls["count"] += 1
+                if calls["count"] == calls["fail_at"]:
+                    raise KeyboardInterrupt
+            return original(*args, **kwargs)
+        return write
+
+    for owner, name in WRITES:
+        monkeypatch.setattr(owner, name, counted(getattr(owner, name)))
+    real_save = train_module.save_checkpoint
+
+    def save(out, model, optimizer, state, *rest):
+        calls["armed"] = state["step"] == 6
+        try:
+            return real_save(out, model, optimizer, state, *rest)
+        finally:
+            calls["armed"] = False
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    fail_at = 0
+    while True:
+        fail_at += 1
+        run = tmp_path / f"run-{fail_at}"
+        shutil.copytree(stopped, run, symlinks=True)
+        calls.update(count=0, fail_at=fail_at)
+        try:
+            collect(tiny, run, resume=True)
+        except KeyboardInterrupt:
+            pass
+        else:
+            break
+        calls["fail_at"] = 0
+        step = read_run_state(run)["step"]
+        assert step in (3, 6), fail_at
+        if step == 3:
+            assert [item.step for item in collect(tiny, run, resume=True)] == [4, 5, 6]
+        weights = mx.load(str(run / "model" / "flow" / "model.safetensors"))
+        assert all(mx.allclose(final[k], weights[k], rtol=RESUME_TOL, atol=1e-8).item() for k in final), fail_at
+        assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")], "a temporary was left behind"
+    assert fail_at > 20, f"only {fail_at - 1} write points were exercised"
+
+
+def test_a_killed_checkpoints_temporaries_are_removed_by_the_next(tiny, tmp_path):
+    out = tmp_path / "run"
+    collect(tiny, out, stop_after=3)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = out / "checkpoints" / f".step-000006.tmp-{dead.pid}-x1y2z3"
+    (leftover / "model").mkdir(parents=True)
+    live = out / "checkpoints" / f".step-000006.tmp-{os.getpid()}-inuse"
+    live.mkdir()
+    collect(tiny, out, resume=True)
+    assert not leftover.exists() and live.exists(), "only temporaries of dead processes go"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [live.name, "step-000006"]
+    assert os.readlink(out / "latest") == "checkpoints/step-000006"
+
+
+def test_force_starts_over_only_in_a_run_folder(tiny, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes" / "thesis.txt").write_text("years of work")
+    code, err = run_cli(capsys, *train_args(tiny, mine, "--steps", 1, "--sample-every", 0, "--force"))
+    assert_clean_failure(code, err, "not a training run folder", "--force will not")
+    assert (mine / "notes" / "thesis.txt").read_text() == "years of work" and not (mine / "run.json").exists()
+    run = tmp_path / "run"
+    assert run_cli(capsys, *train_args(tiny, run, "--steps", 2, "--sample-every", 0))[0] == 0
+    (run / "keep.txt").write_text("mine")
+    assert run_cli(capsys, *train_args(tiny, run, "--steps", 1, "--sample-every", 0, "--force"))[0] == 0
+    assert json.loads((run / "model" / "manifest.json").read_text())["training"]["step"] == 1
+    assert (run / "keep.txt").read_text() == "mine" and sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]
+
+
 # ---- text-conditioned latent models (the tiny fixture T5 + flow + VAE) ------------------------------
 
 
 def test_fine_tuning_a_text_to_image_model(fixtures_dir, tmp_path, capsys):
     sf = fixtures_dir / "starflow"
-    model = convert_model(sf / "model.pth", sf / "config.yaml", tmp_path / "t2i")
-    convert_t5(fixtures_dir / "t5", model / "text_encoder")
-    convert_vae(fixtures_dir / "vae", model / "vae")
+    model = convert_model(sf / "model.pth", sf / "config.yaml", tmp_path / "t2i", text_encoder=fixtures_dir / "t5",
+                          vae=fixtures_dir / "vae")
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
     captions = ["a red circle", "a blue square on grey", "yellow triangle", "green"]
@@ -235,8 +330,8 @@ def test_fine_tuning_a_text_to_image_model(fixtures_dir, tmp_path, capsys):
     assert manifest["components"] == ["flow", "text_encoder", "vae"]
     assert manifest["training"]["parent"]["parent"] == str(model.resolve())
     assert math.isfinite(manifest["training"]["heldout_bits_per_dim"]) and "heldout_bits_per_dim_8bit" not in manifest["training"]
-    base = load_base_model(out / "model")
-    assert base.text_encoder is not None and base.vae is not None
+    base = fine_tune_base(load_model_folder(out / "model"))
+    assert isinstance(base.condition, TextEncoder) and base.vae is not None
     assert Image.open(out / "samples" / "step-000003.png").size == (4 * 66 + 2, 66 + 2)
 
 
@@ -347,7 +442,7 @@ def test_a_quantised_parent_is_refused(fixtures_dir, tmp_path):
     sf = fixtures_dir / "starflow" / "label_model"
     model = convert_model(sf / "model.pth", sf / "config.yaml", tmp_path / "q", quantize=8)
     with pytest.raises(ConfigError, match="quantised"):
-        load_base_model(model)
+        fine_tune_base(load_model_folder(model))
 
 
 def test_new_models_start_close_to_the_identity(tiny):

@@ -20,7 +20,7 @@ from mlx_starflow.convert.vae import convert_finetuned_decoder, convert_vae, rea
 from mlx_starflow.config import VAEConfig
 from mlx_starflow.errors import ConfigError, ModelNotFound, StarFlowError, WeightsError
 from mlx_starflow.image import decoded_to_pil, decoded_to_uint8, read_image, uint8_to_model_input
-from mlx_starflow.model_io import MANIFEST_FILE, WEIGHTS_FILE
+from mlx_starflow.model_io import MANIFEST_FILE, VERIFIED_FILE, WEIGHTS_FILE
 from mlx_starflow.vae import VAE, load_vae
 
 ATOL = 2e-5
@@ -178,7 +178,8 @@ def test_missing_image_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_converted_folder_layout(converted: Path) -> None:
-    assert sorted(p.name for p in converted.iterdir()) == ["config.json", MANIFEST_FILE, WEIGHTS_FILE]
+    written = sorted(p.name for p in converted.iterdir() if p.name != VERIFIED_FILE)  # the record a load adds
+    assert written == ["config.json", MANIFEST_FILE, WEIGHTS_FILE]
     manifest = json.loads((converted / MANIFEST_FILE).read_text())
     assert [Path(s["path"]).name for s in manifest["sources"]] == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert VAEConfig.load(converted) == VAEConfig(block_out_channels=(16, 32, 32, 32), norm_num_groups=8)
@@ -316,6 +317,11 @@ def test_existing_output_needs_force(src: Path, converted: Path, tmp_path: Path)
     with pytest.raises(FileExistsError, match="--force"):
         convert_vae(src, out)
     assert (out / "keep.txt").is_file()
+    with pytest.raises(FileExistsError, match="--force will not replace it"):
+        convert_vae(src, out, force=True)
+    assert (out / "keep.txt").read_text() == "user data", "--force never deletes what we did not write"
+    shutil.copytree(converted, out, dirs_exist_ok=True)
+    (out / "keep.txt").unlink()
     convert_vae(src, out, force=True)
     assert mx.array_equal(mx.load(str(out / WEIGHTS_FILE))["decoder.conv_in.weight"], mx.load(str(converted / WEIGHTS_FILE))["decoder.conv_in.weight"])
 

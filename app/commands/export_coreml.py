@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from ..limits import MAX_BATCH, MAX_IMAGE_SIDE
+from ..options import check_batch_size, check_side
 from ..progress import tensor_progress
 
 
@@ -17,10 +19,12 @@ def export_coreml(
     compress: Optional[str] = typer.Option(None, "--compress", help="Core ML weight compression of the big linears: int8 or int4."),
     attention: str = typer.Option("original", "--attention", help="Attention layout: original (GPU) or split-einsum (Neural Engine)."),
     target: str = typer.Option("macOS15", "--target", help="Deployment target: macOS15 or iOS18 (iOS splits packages under 1 GB)."),
-    width: Optional[int] = typer.Option(None, "--width", help="Image width in pixels (default: the training size)."),
-    height: Optional[int] = typer.Option(None, "--height", help="Image height in pixels (default: the training size)."),
+    width: Optional[int] = typer.Option(None, "--width", callback=check_side,
+                                        help=f"Image width in pixels, at most {MAX_IMAGE_SIDE} (a memory limit, see the README; default: the training size)."),
+    height: Optional[int] = typer.Option(None, "--height", callback=check_side,
+                                         help=f"Image height in pixels, at most {MAX_IMAGE_SIDE} (default: the training size)."),
     jacobi_block_size: list[int] = typer.Option([16], "--jacobi-block-size", help="Jacobi chunk size to export a step function for (repeatable)."),
-    batch_size: int = typer.Option(1, "--batch-size", "-b", help="Images per flow-block call."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", callback=check_batch_size, help=f"Images per flow-block call, at most {MAX_BATCH}."),
     score_step: bool = typer.Option(True, "--score-step/--no-score-step", help="Export the score-step denoise program."),
     vae_encoder: bool = typer.Option(False, "--vae-encoder", help="Also export the VAE encoder (image → latent)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),

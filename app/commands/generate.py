@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
@@ -21,29 +19,30 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
+from mlx_starflow.aspect_ratio import ASPECT_RATIOS
 from mlx_starflow.convert.hub import resolve_model
-from mlx_starflow.errors import InputError, StarFlowError
-from mlx_starflow.image import make_grid, pil_to_uint8, save_png
+from mlx_starflow.errors import InputError
+from mlx_starflow.image import make_grid, pil_to_uint8
 from mlx_starflow.labels import load_label_encoder
 from mlx_starflow.pipeline import GeneratedImage, GenerationProgress, StarFlowPipeline, check_sampling, check_seed, load
+from mlx_starflow.samplers import Jacobi, Sampler, Sequential
 
-from ..options import FIRST_RUN_DTYPE, Dtype, Force, Guidance, Height, Model, Offline, Quantize, Seed, Width
+from ..inputs import check_text, read_lines
+from ..limits import MAX_BATCH, MAX_IMAGES, check_grid, check_image_count
+from ..options import FIRST_RUN_DTYPE, Dtype, Force, Guidance, Height, Model, Offline, Quantize, Seed, Width, check_batch_size, finite, image_count
+from ..outputs import plan_outputs, write_image
 from ..progress import make_progress
-
-SLUG_LENGTH = 48
+from .noise_tools import check_aspect_ratio, image_size, noise_row_metadata, read_noise_option
 
 stderr = Console(stderr=True, highlight=False)
 
 
-class OutputError(StarFlowError):
-    """The output path cannot be written."""
-
-
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The prompt (a class name for a label model); \"\" for an unconditional image."),
-    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", "-f", help="A text file with one prompt per line (blank lines are skipped)."),
+    prompt_option: Optional[str] = typer.Option(None, "--prompt", help="The prompt, as an option (the same as PROMPT)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", "-f", help="A UTF-8 text file with one prompt per line (blank lines are skipped)."),
     model: Model = None,
-    num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt, from seeds SEED, SEED+1, …"),
+    num_images: int = typer.Option(1, "--num-images", "-n", callback=image_count, help=f"Images per prompt, from seeds SEED, SEED+1, …; at most {MAX_IMAGES:,} images per run (prompts × -n)."),
     seed: Seed = None,
     guidance: Guidance = 3.6,
     width: Width = None,
@@ -54,161 +53,115 @@ def generate(
     force: Force = False,
     jacobi: bool = typer.Option(True, "--jacobi/--sequential", help="Block-wise Jacobi iteration (fast) or token-by-token decoding (exact)."),
     jacobi_block_size: int = typer.Option(16, "--jacobi-block-size", help="Tokens per Jacobi block."),
-    jacobi_threshold: float = typer.Option(1e-3, "--jacobi-threshold", help="Relative change below which a Jacobi block has converged."),
+    jacobi_threshold: float = typer.Option(1e-3, "--jacobi-threshold", callback=finite, help="Relative change below which a Jacobi block has converged."),
     jacobi_max_iter: int = typer.Option(32, "--jacobi-max-iter", help="Most Jacobi passes per block."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images sampled together, across prompts (default: what fits in memory, at most 8)."),
+    attn_temp: float = typer.Option(1.0, "--attn-temp", callback=finite, help="Attention temperature of --sequential sampling (official attn_temp): every attention logit is divided by it; 1 is the trained attention."),
+    jacobi_coupled: bool = typer.Option(False, "--jacobi-coupled", help="Decide Jacobi convergence over the whole batch, as the official sampler (images then depend on what they are batched with); by default each image converges on its own."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", callback=check_batch_size,
+                                             help=f"Images sampled together, across prompts, at most {MAX_BATCH} (default: what fits in memory, at most 8)."),
     denoise: Optional[str] = typer.Option(None, "--denoise", help="score (one score step), decoder (the fine-tuned decoder) or none (default: decoder if the model has one, else score)."),
+    denoise_lr: float = typer.Option(1.0, "--denoise-lr", callback=finite, help="Step size of the score-step denoise, x + lr·σ²·∇log p(x) (official self_denoising_lr); 1 is the Tweedie step."),
     dtype: Dtype = FIRST_RUN_DTYPE,
     quantize: Quantize = None,
     offline: Offline = False,
+    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="A local Hugging Face T5 folder (google/flan-t5-xl layout) to convert with a checkpoint, instead of the cache."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="A local diffusers VAE folder (stabilityai/sd-vae-ft-ema layout) to convert with a checkpoint, instead of the cache."),
+    decoder: Optional[Path] = typer.Option(None, "--decoder", help="STARFlow's fine-tuned noisy-latent decoder file to convert with a checkpoint (used instead of the score step)."),
+    noise_file: Optional[Path] = typer.Option(None, "--noise", help="Sample from this noise file (`starflow invert`) instead of seeds: one image per noise row and prompt, at the noise's size."),
+    aspect_ratio: Optional[str] = typer.Option(None, "--aspect-ratio", callback=check_aspect_ratio, help=f"The official size presets ({', '.join(ASPECT_RATIOS)}): the training size's area, sides multiples of the VAE factor × patch size; instead of --width/--height."),
 ) -> None:
     """Generate images from text prompts (or class names) and save them as PNGs.
 
     Image i of each prompt uses seed SEED+i; without --seed a seed is drawn and printed. All
     prompts are sampled together, --batch-size images at a time.
     """
-    prompts = label_prompts(model) if all_labels else read_prompts(prompt, prompts_file)
+    prompts = label_prompts(model) if all_labels else read_prompts(one_prompt(prompt, prompt_option), prompts_file)
+    check_image_count(len(prompts) * num_images)
     first_seed = check_seed(seed, num_images)
-    check_sampling(guidance, jacobi, jacobi_block_size, jacobi_threshold, jacobi_max_iter, denoise)
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
-    seeds = [first_seed + i for i in range(num_images)]
+    sampler = make_sampler(jacobi, jacobi_block_size, jacobi_threshold, jacobi_max_iter, jacobi_coupled, attn_temp)
+    check_sampling(guidance, denoise, denoise_lr)
+    given = read_noise_option(noise_file, num_images, width, height, aspect_ratio)
+    seeds = [first_seed + i for i in range(num_images)] if given is None else list(range(given.noise.shape[0]))
     targets = plan_outputs(output, prompts, seeds, grid, force)
 
     if model is not None and Path(model).is_dir() and (quantize is not None or dtype != FIRST_RUN_DTYPE):
         stderr.print(f"[yellow]note:[/yellow] --dtype and --quantize apply when converting; {model} is used as it was converted", soft_wrap=True)
     with conversion_bar() as progress:
-        folder = resolve_model(model, dtype, quantize, offline, notify=lambda message: stderr.print(message, soft_wrap=True), progress=progress)
+        folder = resolve_model(model, dtype, quantize, offline, notify=lambda message: stderr.print(message, soft_wrap=True),
+                               progress=progress, text_encoder=text_encoder, vae=vae, decoder=decoder)
     pipeline = load(folder)
-    size = pipeline.check_size(width, height)
+    size = image_size(pipeline, width, height, aspect_ratio, given, noise_file)
+    columns = num_images if num_images > 1 else math.ceil(math.sqrt(len(prompts)))
+    if grid:
+        check_grid(len(prompts) * num_images, columns, *size)
     pipeline.check_denoise(denoise)
     pipeline.check_prompts(prompts)
-    stderr.print(f"{pipeline.name} from {folder}: {size[0]}x{size[1]}, seed {first_seed}", soft_wrap=True)
+    stderr.print(f"{pipeline.name} from {folder}: {size[0]}x{size[1]}, {f'seed {first_seed}' if given is None else f'noise {noise_file}'}", soft_wrap=True)
 
-    paths = [path for row in targets for path in row]
+    names = [target for row in targets for target in row]
     timings: dict[str, float] = {}
     results: list[GeneratedImage] = []
+    batches: list[list[int]] = []
+    count = 0
     with make_progress() as bar:
         bars = GenerationBars(bar, pipeline)
         for item in pipeline.iter_generate(
-            [text for text in prompts for _ in seeds], seeds * len(prompts), guidance=guidance, jacobi=jacobi,
-            jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter,
+            [text for text in prompts for _ in seeds], seeds * len(prompts), guidance=guidance, sampler=sampler,
             width=size[0], height=size[1], batch_size=batch_size, denoise=denoise,
+            denoise_lr=denoise_lr, noise=None if given is None else mx.concatenate([given.noise] * len(prompts)),
         ):
             bars.draw(item)
             for note in item.notes:
                 stderr.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
+            if item.images:
+                batches.append([result.seed for result in item.images])
             for result in item.images:
-                if not grid:
-                    write(result.image, paths[len(results)], result.metadata, force)
-                    typer.echo(f"wrote {paths[len(results)]}")
-                results.append(result)
+                if grid:
+                    results.append(result)
+                else:
+                    typer.echo(f"wrote {write_image(result.image, names[count], noise_row_metadata(result.metadata, noise_file), force)}")
+                count += 1
             timings.update(item.timings)
     if grid:
-        columns = num_images if num_images > 1 else math.ceil(math.sqrt(len(results)))
-        write(grid_image(results, columns), paths[0], grid_metadata(results), force)
-        typer.echo(f"wrote {paths[0]}")
-    typer.echo(summary(timings, len(results)))
+        path = write_image(grid_image(results, columns), names[0], grid_metadata(results, batches), force)
+        typer.echo(f"wrote {path}")
+    typer.echo(summary(timings, count))
+
+
+def one_prompt(positional: str | None, option: str | None) -> str | None:
+    """PROMPT or --prompt (the habit of other image tools); both is a mistake."""
+    if positional is not None and option is not None:
+        raise InputError("give the prompt once: as PROMPT or as --prompt, not both")
+    return option if positional is None else positional
+
+
+def make_sampler(jacobi: bool, block_size: int, threshold: float, max_iter: int, coupled: bool,
+                 attn_temp: float = 1.0) -> Sampler:
+    """The sampler the flags ask for; Jacobi's flags are ignored with --sequential."""
+    if not jacobi:
+        return Sequential(attn_temp)
+    if attn_temp != 1.0:
+        raise InputError("--attn-temp applies to --sequential sampling (the official Jacobi sampler has no temperature); add --sequential")
+    return Jacobi(block_size, threshold, max_iter, coupled)
 
 
 def label_prompts(model: str | None) -> list[str]:
     """Every class name of a local label model, in the model's order."""
     folder = Path(model) if model else None
     if folder is None or not (folder / "labels").is_dir():
-        raise ValueError("--all-labels needs --model pointing at a label model folder (one with labels/), e.g. weights/demo")
+        raise InputError("--all-labels needs --model pointing at a label model folder (one with labels/), e.g. weights/demo")
     return list(load_label_encoder(folder / "labels").labels)
 
 
 def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
-    """The prompt, or the file's non-blank lines; exactly one of the two."""
+    """The prompt, or the file's non-blank lines; exactly one of the two, as UTF-8 text."""
     if prompt is not None and prompts_file is not None:
-        raise ValueError("give a prompt or --prompts-file, not both")
+        raise InputError("give a prompt or --prompts-file, not both")
     if prompts_file is None:
         if prompt is None:
-            raise ValueError('give a prompt (use "" for an unconditional image) or --prompts-file FILE')
-        return [prompt]
-    try:
-        lines = prompts_file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read prompts from {prompts_file} ({e.__class__.__name__}); pass a UTF-8 text file with one prompt per line") from None
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise InputError(f"{prompts_file} holds no prompts; write one prompt per line")
-    return prompts
-
-
-def slug(prompt: str) -> str:
-    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
-    return words[:SLUG_LENGTH].rstrip("-") or "unconditional"
-
-
-def plan_outputs(output: Path, prompts: list[str], seeds: list[int], grid: bool, force: bool) -> list[list[Path]]:
-    """Every file the run will write, per prompt, decided and checked before anything runs.
-
-    A folder gets `<prompt>-<seed>.png` (a free `-2`, `-3` … suffix instead of replacing a file,
-    unless --force); a .png name is used as it is for a single output, else numbered. A grid is
-    one file for the whole run.
-    """
-    file_mode = output.suffix.lower() == ".png" and not output.is_dir()
-    if output.suffix and not file_mode and not output.is_dir():
-        raise ValueError(f"--output {output} is neither a folder nor a .png file name; PNG keeps the settings as metadata")
-    folder = output.parent if file_mode else output
-    check_writable(folder)
-    if grid:
-        if file_mode:
-            if output.exists() and not force:
-                raise FileExistsError(f"{output} already exists; pass --force to replace it or choose another --output")
-            return [[output]]
-        name = slug(prompts[0]) if len(prompts) == 1 else f"{len(prompts)}-prompts"
-        return [[free_name(folder, f"{name}-{seeds[0]}-grid", set(), force)]]
-    planned: list[list[Path]] = []
-    taken: set[Path] = set()
-    for index, prompt in enumerate(prompts):
-        if file_mode:
-            stem = output.stem if len(prompts) == 1 else f"{output.stem}-{index + 1}"
-            names = [stem] if len(seeds) == 1 else [f"{stem}-{seed}" for seed in seeds]
-            paths = [folder / f"{name}.png" for name in names]
-            existing = [path for path in paths if path.exists()]
-            if existing and not force:
-                raise FileExistsError(f"{existing[0]} already exists; pass --force to replace it or choose another --output")
-        else:
-            bases = [f"{slug(prompt)}-{seed}" for seed in seeds]
-            paths = [free_name(folder, base, taken, force) for base in bases]
-        taken.update(paths)
-        planned.append(paths)
-    return planned
-
-
-def free_name(folder: Path, base: str, taken: set[Path], force: bool) -> Path:
-    path, number = folder / f"{base}.png", 1
-    while path in taken or (path.exists() and not force):
-        number += 1
-        path = folder / f"{base}-{number}.png"
-    return path
-
-
-def check_writable(folder: Path) -> None:
-    """Fail now if `folder` cannot be created or written, without creating anything."""
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputError(f"cannot write to {folder}: {existing} is a file, not a folder; choose another --output")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise OutputError(f"cannot write to {folder} ({e.strerror or e}); choose another --output") from None
-
-
-def write(image: Image.Image, path: Path, metadata: dict[str, str], force: bool) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(image, path, metadata, overwrite=force)
-    except FileExistsError:
-        raise
-    except OSError as e:
-        raise OutputError(f"cannot write {path} ({e.strerror or e}); choose another --output") from None
+            raise InputError('give a prompt (use "" for an unconditional image) or --prompts-file FILE')
+        return [check_text(prompt, "the prompt")]
+    return read_lines(prompts_file, "prompt")
 
 
 def grid_image(results: list[GeneratedImage], columns: int) -> Image.Image:
@@ -216,11 +169,15 @@ def grid_image(results: list[GeneratedImage], columns: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(tiles.transpose(1, 2, 0)))
 
 
-def grid_metadata(results: list[GeneratedImage]) -> dict[str, str]:
+def grid_metadata(results: list[GeneratedImage], batches: list[list[int]]) -> dict[str, str]:
+    """The first image's settings, with every image's prompt and seed, and every batch's seeds
+    (with Jacobi an image depends on the batch it was sampled in, so the batches reproduce it)."""
     seeds = [result.seed for result in results]
     prompts = list(dict.fromkeys(result.metadata.get("prompt", "") for result in results))
     return {**results[0].metadata, "prompt": " | ".join(prompts), "seed": ",".join(map(str, seeds)),
-            "grid": f"{len(results)} images in reading order, a row per prompt when -n > 1"}
+            "grid": f"{len(results)} images in reading order, a row per prompt when -n > 1",
+            "batch_size": str(max(map(len, batches))),
+            "batch_seeds": " | ".join(",".join(map(str, batch)) for batch in batches)}
 
 
 class GenerationBars:

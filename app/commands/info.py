@@ -10,37 +10,54 @@ import mlx.core as mx
 import typer
 from mlx.utils import tree_flatten
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from mlx_starflow.convert.hub import cached_repos, converted_models, folder_bytes, hub_cache, models_folder
 from mlx_starflow.config import FlowConfig, LabelConfig, T5Config, VAEConfig
-from mlx_starflow.errors import ConfigError
+from mlx_starflow.errors import ConfigError, InputError, StarFlowError
 from mlx_starflow.flow import StarFlow
-from mlx_starflow.model_io import MODEL_KIND, read_manifest
+from mlx_starflow.model_folder import read_model_folder
+from mlx_starflow.model_io import MODEL_KIND, folder_kind, read_manifest, verify_folder
 from mlx_starflow.pipeline import available_memory
 from mlx_starflow.t5 import T5Encoder
 from mlx_starflow.vae import VAE
 
 DEMO_MODEL = Path(__file__).resolve().parents[2] / "weights" / "demo"
 """The small demo model of a repository checkout (absent from an installed wheel)."""
+LOCAL_WEIGHTS = Path("weights")
+"""Where `make convert` and the README's `starflow convert --out weights/…` put models, relative
+to the working directory; listed beside the models folder."""
 
 stdout = Console(highlight=False)
 
 
 def info(
-    model: Optional[Path] = typer.Argument(None, help="A model folder to describe; without it, everything installed and cached."),
+    paths: Optional[list[Path]] = typer.Argument(
+        None, help="Model folders to describe, or folders of model folders (such as weights/) to list; "
+                   "without any: the models folder, ./weights, the Hugging Face cache and the machine."),
+    verify: bool = typer.Option(False, "--verify", help="Check every file of each model folder given against the sha256 "
+                                                         "its manifest records (reads all the weights once)."),
 ) -> None:
-    """Show converted models, the Hugging Face cache and the machine, or one model folder's parts."""
-    if model is not None:
-        describe_model(model)
+    """Show converted models, the Hugging Face cache and the machine, or the parts of the model folders given."""
+    if verify and not paths:
+        raise InputError("--verify checks the model folders you name, e.g. starflow info --verify weights/starflow-3b")
+    if paths:
+        for path in paths:
+            show_path(path, verify)
         return
     stdout.print(f"mlx {mx.__version__} on {mx.default_device()}, {available_memory() / 2**30:.1f} GiB of memory for generation")
     stdout.print(f"models folder {models_folder()} (STARFLOW_HOME moves it)", soft_wrap=True)
-    models = Table("converted model", "state", "flow", "size")
+    models = Table(Column("converted model", overflow="fold"), "state", "flow", "size")
     for path, current, size in converted_models():
         models.add_row(path.name, "ready" if current else "stale or incomplete (redone on next use)", flow_summary(path), gigabytes(size))
     if DEMO_MODEL.is_dir():
         models.add_row(str(DEMO_MODEL), "shipped demo", flow_summary(DEMO_MODEL), gigabytes(folder_bytes(DEMO_MODEL)))
+    shown = {DEMO_MODEL.resolve()}
+    for folder in (LOCAL_WEIGHTS, DEMO_MODEL.parent):
+        for path in model_folders_in(folder):
+            if path.resolve() not in shown:
+                shown.add(path.resolve())
+                models.add_row(str(path), model_state(path), flow_summary(path), gigabytes(folder_bytes(path)))
     stdout.print(models if models.row_count else "no converted models yet")
     stdout.print(f"Hugging Face cache {hub_cache()}", soft_wrap=True)
     repos = Table("repository", "state", "size", "snapshot")
@@ -48,6 +65,38 @@ def info(
         state = "complete" if repo.complete else ("incomplete" if repo.folder else "not downloaded")
         repos.add_row(repo.repo_id, state, gigabytes(repo.bytes) if repo.folder else "", repo.folder.name[:12] if repo.folder else "")
     stdout.print(repos)
+
+
+def show_path(path: Path, verify: bool) -> None:
+    """A model folder is described (and verified); a folder of model folders lists them."""
+    inside = model_folders_in(path) if folder_kind(path) is None else []
+    if not inside:
+        describe_model(path)
+        if verify:
+            stdout.print(f"verified {path}: {verify_folder(path)} files match the sha256 in their manifests", soft_wrap=True)
+        return
+    models = Table(Column("model folder", overflow="fold"), "state", "flow", "size", title=str(path), title_justify="left")
+    for folder in inside:
+        models.add_row(str(folder), model_state(folder), flow_summary(folder), gigabytes(folder_bytes(folder)))
+    stdout.print(models)
+    for folder in inside if verify else []:
+        stdout.print(f"verified {folder}: {verify_folder(folder)} files match the sha256 in their manifests", soft_wrap=True)
+
+
+def model_folders_in(folder: Path) -> list[Path]:
+    """The model folders directly inside `folder` (those our manifest names a model), sorted."""
+    if not folder.is_dir():
+        return []
+    return [path for path in sorted(folder.iterdir()) if path.is_dir() and folder_kind(path) == MODEL_KIND]
+
+
+def model_state(folder: Path) -> str:
+    """"ready", or why the folder cannot be used (a half-written, stale or damaged conversion)."""
+    try:
+        read_model_folder(folder)
+    except StarFlowError as e:
+        return f"unusable: {e}"
+    return "ready"
 
 
 def describe_model(folder: Path) -> None:

@@ -14,16 +14,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mlx_starflow.convert.official_config import flow_config, read_official_config
 from mlx_starflow.dataset import CAPTIONS_FILE, ImageData, load_image_folder
-from mlx_starflow.errors import ConfigError
+from mlx_starflow.errors import ConfigError, InputError
 from mlx_starflow.model_io import sha256_file
 from mlx_starflow.run_folder import MODEL_FOLDER
 from mlx_starflow.sampling import LOG2_PIXEL_SCALE
+from mlx_starflow.model_folder import load_model_folder
 from mlx_starflow.train import (
-    BaseModel, TrainProgress, TrainSettings, image_size, load_base_model,
+    BaseModel, TrainProgress, TrainSettings, fine_tune_base, image_size,
     new_label_model, train as train_model,
 )
 
-from ..options import Force, Guidance, Seed
+from ..options import Force, Guidance, Seed, finite
 
 INTERRUPTED = 130
 """Exit status of a run stopped by Ctrl-C (after its checkpoint is written), as shells report SIGINT."""
@@ -38,14 +39,14 @@ def train(
     captions: Optional[Path] = typer.Option(None, "--captions", help=f"Captions file (default: DATA/{CAPTIONS_FILE})."),
     steps: int = typer.Option(1000, "--steps", help="Optimizer steps in all."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per step."),
-    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW, betas 0.9/0.95, bias-corrected)."),
-    min_lr: float = typer.Option(1e-6, "--min-lr", help="Learning rate of the first step and at the end of the cosine decay."),
+    lr: float = typer.Option(1e-4, "--lr", callback=finite, help="Peak learning rate (AdamW, betas 0.9/0.95, bias-corrected)."),
+    min_lr: float = typer.Option(1e-6, "--min-lr", callback=finite, help="Learning rate of the first step and at the end of the cosine decay."),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warm-up steps (default: one epoch of the training images, as upstream)."),
-    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW decoupled weight decay."),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Clip the global gradient norm to this (0: no clipping)."),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay", callback=finite, help="AdamW decoupled weight decay."),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", callback=finite, help="Clip the global gradient norm to this (0: no clipping)."),
     seed: Seed = 0,
-    heldout: float = typer.Option(0.05, "--heldout", help="Share of the images held out to measure bits/dim."),
-    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Write a checkpoint every N steps (0: only at the end; Ctrl-C also writes one)."),
+    heldout: float = typer.Option(0.05, "--heldout", callback=finite, help="Share of the images held out to measure bits/dim."),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Write a checkpoint every N steps (0: only at the end; Ctrl-C or SIGTERM also writes one)."),
     sample_every: int = typer.Option(500, "--sample-every", help="Write a sample grid (one image per class or caption) every N steps (0: never)."),
     guidance: Guidance = 3.6,
     force: Force = False,
@@ -54,11 +55,11 @@ def train(
     (config drop_label), latent-norm regularisation, AdamW with warm-up and cosine decay.
     --seed seeds initialisation, held-out split, batch order, noise and condition dropout;
     --guidance is the sample grids'; --force starts over in an existing --out run folder.
-    Ctrl-C writes a checkpoint and stops; --resume continues it."""
+    Ctrl-C (or SIGTERM) writes a checkpoint and stops; --resume continues it."""
     if (config is None) == (init is None):
-        raise ValueError("pass --config YAML to train a new model or --init MODEL to fine-tune one (exactly one)")
+        raise InputError("pass --config YAML to train a new model or --init MODEL to fine-tune one (exactly one)")
     if (out is None) == (resume is None):
-        raise ValueError("pass --out RUN to start a run or --resume RUN to continue one (exactly one)")
+        raise InputError("pass --out RUN to start a run or --resume RUN to continue one (exactly one)")
     settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
                              weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, heldout=heldout,
                              checkpoint_every=checkpoint_every, sample_every=sample_every, sample_guidance=guidance)
@@ -66,7 +67,7 @@ def train(
     if config is not None:
         images, base = _new_model(config, data, captions, seed)
     else:
-        base = load_base_model(init)
+        base = fine_tune_base(load_model_folder(init, decoder=False))
         images = load_image_folder(data, image_size(base.flow.config), captions)
     if images.skipped:
         typer.echo(f"skipped {len(images.skipped)} unreadable image(s), e.g. {images.skipped[0]}", err=True)
@@ -112,7 +113,8 @@ def _command(data: Path, run: Path, config: Optional[Path], init: Optional[Path]
 
 @contextlib.contextmanager
 def _stop_on_interrupt() -> Iterator[Callable[[], bool]]:
-    """First Ctrl-C: finish the step, write a checkpoint and stop; a second one aborts at once."""
+    """First Ctrl-C or SIGTERM: finish the step, write a checkpoint and stop; a second one aborts
+    at once (the checkpoints committed so far stay resumable)."""
     requested = []
 
     def handler(signum: int, frame: object) -> None:
@@ -120,11 +122,12 @@ def _stop_on_interrupt() -> Iterator[Callable[[], bool]]:
             raise KeyboardInterrupt
         requested.append(signum)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield lambda: bool(requested)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, action in previous.items():
+            signal.signal(signum, action)
 
 
 def _drive(progress_items: Iterator[TrainProgress], pixel_model: bool) -> TrainProgress | None:

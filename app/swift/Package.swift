@@ -13,8 +13,10 @@ let package = Package(
     ],
     targets: [
         .target(name: "StarFlow"),
+        // The plain-Swift reference backend: the tests' oracle, not a product, so apps never ship it.
+        .target(name: "StarFlowReference", dependencies: ["StarFlow"]),
         .executableTarget(name: "starflow-swift", dependencies: ["StarFlow"]),
-        .testTarget(name: "StarFlowTests", dependencies: ["StarFlow", "starflow-swift"]),
+        .testTarget(name: "StarFlowTests", dependencies: ["StarFlow", "StarFlowReference", "starflow-swift"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -46,8 +46,9 @@ class Tape(Ops):
             self._active.add(id(out))
         return out
 
-    def backward(self, seeds: Sequence[tuple[Var, Var]], wrt: Var) -> Var:
-        """Σ over seeds (y, ȳ) of ȳ·∂y/∂wrt, i.e. the gradient of a scalar whose cotangents are the seeds."""
+    def backward(self, seeds: Sequence[tuple[Var, Var]], wrt: Var | Sequence[Var]) -> Var | list[Var]:
+        """Σ over seeds (y, ȳ) of ȳ·∂y/∂wrt, i.e. the gradient of a scalar whose cotangents are the seeds;
+        one gradient per watched input when `wrt` is a sequence."""
         grads: dict[int, Var] = {}
         for var, cotangent in seeds:
             _accumulate(self.plain, grads, var, cotangent)
@@ -64,9 +65,11 @@ class Tape(Ops):
                 for var, part in zip(inputs, grad_list):
                     if isinstance(var, Var) and id(var) in self._active and part is not None:
                         _accumulate(self.plain, grads, var, part)
-        if id(wrt) not in grads:
-            raise ValueError("the seeds do not depend on the watched input")
-        return grads[id(wrt)]
+        targets = [wrt] if isinstance(wrt, Var) else list(wrt)
+        if any(id(target) not in grads for target in targets):
+            raise ValueError("the seeds do not depend on every watched input")
+        found = [grads[id(target)] for target in targets]
+        return found[0] if isinstance(wrt, Var) else found
 
 
 def _vars(inputs: dict[str, Any]) -> list[Var]:
@@ -171,15 +174,13 @@ def _concat(ops: Ops, r: Record, g: Var) -> dict[str, Any]:
 
 
 def _slice(ops: Ops, r: Record, g: Var) -> dict[str, Any]:
-    """Zeros around the gradient of the kept range."""
-    x, axis, start, stop = r.inputs["x"], r.attrs["axis"], r.attrs["start"], r.attrs["stop"]
-    pieces = []
-    for count in (start, x.shape[axis] - stop):
-        shape = list(x.shape)
-        shape[axis] = count
-        pieces.append(np.zeros(shape, np.dtype(types.nptype_from_builtin(g.dtype))) if count else None)
-    values = [v for v in (pieces[0], g, pieces[1]) if v is not None]
-    return {"x": mb.concat(values=values, axis=axis) if len(values) > 1 else g}
+    """Zeros around the gradient of the kept range, as a pad op: zero constants of the full
+    shape would be stored in the package (gigabytes over a 3B model's qkv slices)."""
+    x, axis, start, stop = r.inputs["x"], r.attrs["axis"] % r.inputs["x"].rank, r.attrs["start"], r.attrs["stop"]
+    if start == 0 and stop == x.shape[axis]:
+        return {"x": g}
+    widths = [start, x.shape[axis] - stop] + [0, 0] * (x.rank - axis - 1)
+    return {"x": ops.pad(g, widths)}
 
 
 def _reverse(ops: Ops, r: Record, g: Var) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Running an export folder: with the NumPy MIL evaluator (anywhere) or with Core ML (macOS 15+).
 
 Both read only the manifest and the packages, exactly as the Swift package does, and offer the
-same calls: a flow block runner per block (`pipeline.FlowBlockRunner`), the text encoder, the
+same calls: a flow block per block (`pipeline.ExportedBlock`), the text encoder, the
 score step and the VAE decoder. `per_call_seconds` records each call's wall time by function,
 for the Mac check script's latency table.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import mil_eval
+from . import mil_eval, score
 from .coremltools_api import ct, load_program, require_prediction, types
 from .flow import updated_name
 from .manifest import read_manifest
@@ -56,11 +56,8 @@ class Backend(ABC):
         return values[entry["output"]]
 
     def denoise(self, latent: np.ndarray, text: np.ndarray | None) -> np.ndarray:
-        entry = self.manifest["score_step"]
-        inputs = {entry["inputs"]["latent"]: latent.astype(np.float32)}
-        if "text" in entry["inputs"]:
-            inputs[entry["inputs"]["text"]] = text.astype(np.float32)
-        return self.timed("score_step", lambda: self.run(entry["package"], "main", inputs))[entry["output"]]
+        """One image's score step through the flow blocks' `forward`/`vjp` functions (`score.denoise`)."""
+        return self.timed("score_step", lambda: score.denoise(self.manifest, self.run, latent, text))
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         """The flow's latent (1, C, h, w) → raw image (1, 3, H, W): divides by the scaling factor first."""
@@ -69,7 +66,7 @@ class Backend(ABC):
         return self.timed("vae_decoder", lambda: self.run(entry["package"], "main", {entry["input"]: unscaled}))[entry["output"]]
 
 
-class BlockRunner:
+class PackageBlock:
     """A flow block's packages run in order, each with its own cache (state dict or Core ML state)."""
 
     def __init__(self, backend: Backend, index: int, make_state: Callable[[str], Any]):
@@ -125,17 +122,18 @@ class EvaluatorBackend(Backend):
         return mil_eval.run(program, inputs, state, function=function)
 
     def _zero_caches(self, package: str) -> dict[str, np.ndarray]:
-        """Every cache of a package at zero, shaped and typed as its first function declares."""
-        function = next(iter(self.program(package).functions.values()))
+        """Every cache of a package at zero, shaped and typed as its cached functions declare
+        (the score step's `forward`/`vjp` functions take no cache)."""
         caches = {}
-        for name, var in function.inputs.items():
-            if name.startswith(("key_cache_", "value_cache_")):
-                dtype = np.float16 if self.manifest["kv_cache"] == "state" else mil_eval.DTYPES[types.builtin_to_string(var.dtype)]
-                caches[name] = np.zeros(var.shape, dtype)
+        for function in self.program(package).functions.values():
+            for name, var in function.inputs.items():
+                if name.startswith(("key_cache_", "value_cache_")):
+                    dtype = np.float16 if self.manifest["kv_cache"] == "state" else mil_eval.DTYPES[types.builtin_to_string(var.dtype)]
+                    caches[name] = np.zeros(var.shape, dtype)
         return caches
 
-    def block(self, index: int) -> BlockRunner:
-        return BlockRunner(self, index, self._zero_caches)
+    def block(self, index: int) -> PackageBlock:
+        return PackageBlock(self, index, self._zero_caches)
 
 
 class CoreMLBackend(Backend):
@@ -159,7 +157,7 @@ class CoreMLBackend(Backend):
         out = model.predict(inputs, state=state) if state is not None else model.predict(inputs)
         return {k: np.asarray(v) for k, v in out.items()}
 
-    def block(self, index: int) -> BlockRunner:
+    def block(self, index: int) -> PackageBlock:
         entry = self.block_entry(index)
         first = entry["functions"]["step"][min(entry["functions"]["step"], key=int)]
-        return BlockRunner(self, index, lambda package: self.model(package, first).make_state())
+        return PackageBlock(self, index, lambda package: self.model(package, first).make_state())

@@ -16,20 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from mlx_starflow.config import FlowConfig, VAEConfig
-from mlx_starflow.errors import ConfigError
-from mlx_starflow.flow import StarFlow
-from mlx_starflow.labels import LabelEncoder
+from mlx_starflow.errors import ConfigError, OutputExists
+from mlx_starflow.model_folder import ModelParts, load_model_folder
 from mlx_starflow.model_io import atomic_folder
-from mlx_starflow.model_io import read_manifest as read_model_manifest
-from mlx_starflow.pipeline import StarFlowPipeline
-from mlx_starflow.pipeline import load as load_model
-from mlx_starflow.text_encoder import TOKENIZER_FILE, TextEncoder
-from mlx_starflow.vae import VAE
+from mlx_starflow.samplers import Jacobi, Sequential
+from mlx_starflow.text_encoder import TOKENIZER_FILE
 
 from .builder import PRECISIONS
-from .compress import COMPRESSIONS
+from .compress import COMPRESSIONS, WeightCompression
 from .coremltools_api import TARGETS
 from .flow import (
+    COTANGENT,
+    FORWARD,
+    HIDDEN_COTANGENT,
     KV_CACHE_MODES,
     POSITION,
     PREFILL,
@@ -37,6 +36,9 @@ from .flow import (
     SHIFT,
     TEXT,
     TOKENS,
+    TOKENS_COTANGENT,
+    VJP,
+    Z,
     BlockPlan,
     block_programs,
     cache_names,
@@ -45,12 +47,11 @@ from .flow import (
     weight_bytes,
 )
 from .flow_graph import ATTENTION_LAYOUTS, block_arrays
-from .manifest import LICENSE, write_manifest
+from .manifest import FORMAT, LICENSE, write_manifest
 from .package import HIDDEN_IN, HIDDEN_OUT, PackageInfo, group_layers, package_weight_bytes, save_package
-from .score import DENOISED, LATENT, score_program
 from .text_encoder import ATTENTION_MASK, INPUT_IDS, TEXT_STATES, text_encoder_program
 from .text_encoder import weight_bytes as text_weight_bytes
-from .vae import IMAGE, decoder_program, encoder_program
+from .vae import IMAGE, LATENT, decoder_program, encoder_program
 
 log = logging.getLogger(__name__)
 
@@ -89,49 +90,15 @@ class ExportOptions:
         for name, value in (("height", self.height), ("width", self.width)):
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be positive, not {value}")
+        if self.score_step and self.attention != "original":
+            raise ConfigError(f"--attention {self.attention} cannot carry the score-step gradient in the flow blocks; "
+                              "pass --no-score-step (decode without the denoise) or use --attention original")
 
     @property
     def package_limit(self) -> float | None:
         if self.max_package_bytes is not None:
             return self.max_package_bytes
         return IOS_PACKAGE_LIMIT if self.target.startswith("iOS") else None
-
-
-@dataclass(frozen=True)
-class ModelParts:
-    """A model folder loaded and checked by `mlx_starflow.load`, and the checkpoint it came from."""
-
-    folder: Path
-    model: StarFlowPipeline
-    source_sha256: str
-
-    @property
-    def flow(self) -> StarFlow:
-        return self.model.flow
-
-    @property
-    def config(self) -> FlowConfig:
-        return self.model.config
-
-    @property
-    def text_encoder(self) -> TextEncoder | None:
-        return self.model.condition if isinstance(self.model.condition, TextEncoder) else None
-
-    @property
-    def labels(self) -> LabelEncoder | None:
-        return self.model.condition if isinstance(self.model.condition, LabelEncoder) else None
-
-    @property
-    def vae(self) -> VAE | None:
-        return self.model.vae
-
-
-def load_parts(model_dir: str | Path) -> ModelParts:
-    """The model folder through `mlx_starflow.load`, the one place that checks its components fit."""
-    folder = Path(model_dir)
-    model = load_model(folder)
-    sources = read_model_manifest(folder).get("sources") or [{}]
-    return ModelParts(folder, model, sources[0].get("sha256", "unknown"))
 
 
 def image_size(config: FlowConfig, options: ExportOptions) -> tuple[int, int]:
@@ -177,11 +144,11 @@ def export_coreml(
     options.check()
     out = Path(out)
     if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    parts = load_parts(model_dir)
+        raise OutputExists(f"{out} already exists; pass --force to replace it")
+    parts = load_model_folder(model_dir, decoder=False)
     height_px, width_px = image_size(parts.config, options)
     exporter = _Exporter(parts, options, height_px, width_px, progress)
-    with atomic_folder(out, force=force) as tmp:
+    with atomic_folder(out, force=force, kind=FORMAT) as tmp:
         exporter.write(tmp)
     return out
 
@@ -199,16 +166,15 @@ class _Exporter:
         self.text_length = self.config.txt_size if parts.flow.blocks[-1].has_text else 0
         self.progress = progress
         self.plans = [self._plan(i) for i in range(self.config.num_blocks)]
-        with_score = options.score_step and options.package_limit is None
         with_encoder = options.vae_encoder and parts.vae is not None and parts.vae.config.has_encoder
-        self.total = (sum(len(p.layer_groups) for p in self.plans) + (parts.text_encoder is not None) + with_score
+        self.total = (sum(len(p.layer_groups) for p in self.plans) + (parts.text_encoder is not None)
                       + (parts.vae is not None) + with_encoder)
         self.done = 0
 
     def info(self, description: str, compressed: bool = True, **extra: str) -> PackageInfo:
-        """Package metadata; the score step and the VAE are never compressed."""
+        """Package metadata; the VAE is never compressed."""
         o = self.options
-        return PackageInfo(self.parts.folder.name, self.parts.source_sha256, LICENSE, (self.height, self.width),
+        return PackageInfo(self.parts.folder.path.name, self.parts.folder.source_sha256, LICENSE, (self.height, self.width),
                            self.text_length, o.dtype, o.compress if compressed else None, o.attention, o.target, description, extra)
 
     def _advance(self, name: str) -> None:
@@ -220,16 +186,17 @@ class _Exporter:
     def _plan(self, index: int) -> BlockPlan:
         block = self.parts.flow.blocks[index]
         tokens = self.grid[0] * self.grid[1]
-        chunks = tuple(sorted({1, *(min(size, tokens) for size in self.options.jacobi_block_sizes)}))
+        samplers = [Sequential(), *(Jacobi(size) for size in self.options.jacobi_block_sizes)]
+        chunks = tuple(sorted({sampler.chunk(tokens) for sampler in samplers}))
         per_layer, outside = weight_bytes(self.config, self.options.dtype, self.options.compress)
         groups = group_layers(self.config.layers_per_block[index], per_layer, outside, self.options.package_limit)
         rows = self.options.batch_size * (2 if block.has_text else 1)
         return BlockPlan(index, block.flipped, block.has_text, rows, self.grid,
-                         self.text_length if block.has_text else 0, chunks, groups)
+                         self.text_length if block.has_text else 0, chunks, groups, self.options.score_step)
 
     def write(self, folder: Path) -> None:
         manifest: dict[str, Any] = {
-            "model": {"name": self.parts.folder.name, "source_sha256": self.parts.source_sha256, "license": LICENSE},
+            "model": {"name": self.parts.folder.path.name, "source_sha256": self.parts.folder.source_sha256, "license": LICENSE},
             "precision": self.options.dtype, "compression": self.options.compress,
             "attention": self.options.attention, "target": self.options.target, "kv_cache": self.options.kv_cache,
             "batch": self.options.batch_size,
@@ -240,7 +207,7 @@ class _Exporter:
             "text_encoder": self._text_encoder(folder),
             "flow": {"use_softplus": self.config.use_softplus, "noise_std": self.config.noise_std,
                      "blocks": [self._block(folder, plan) for plan in self.plans]},
-            "score_step": self._score_step(folder),
+            "score_step": self._score_step(),
             "vae": self._vae(folder),
         }
         manifest["weight_bytes"] = {p.name: package_weight_bytes(p) for p in sorted(folder.glob("*.mlpackage"))}
@@ -255,7 +222,7 @@ class _Exporter:
             return {"kind": "labels", "length": 1, "dim": len(labels) + 1, "labels": labels}
         if self.parts.text_encoder is None:
             return None
-        shutil.copyfile(self.parts.folder / "text_encoder" / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+        shutil.copyfile(self.parts.folder.path / "text_encoder" / TOKENIZER_FILE, folder / TOKENIZER_FILE)
         return {"kind": "text", "length": self.text_length, "dim": self.config.txt_dim, "tokenizer": TOKENIZER_FILE}
 
     def _text_encoder(self, folder: Path) -> dict[str, Any] | None:
@@ -276,21 +243,25 @@ class _Exporter:
 
     def _block(self, folder: Path, plan: BlockPlan) -> dict[str, Any]:
         arrays = block_arrays(self.parts.flow, plan.index)
-        op_type = "conv" if self.options.attention == "split-einsum" else "linear"
-        threshold = {op_type: self.config.channels * self.config.channels - 1}
+        compression = (WeightCompression(self.options.compress, self.config.channels * self.config.channels - 1)
+                       if self.options.compress else None)
         names = ([f"FlowBlock{plan.index}.mlpackage"] if len(plan.layer_groups) == 1
                  else [f"FlowBlock{plan.index}_{g}.mlpackage" for g in range(len(plan.layer_groups))])
         for group, name in enumerate(names):
-            programs = block_programs(self.config, arrays, plan, group, self.options.attention, self.options.dtype, self.options.kv_cache)
+            programs = block_programs(self.config, arrays, plan, group, self.options.attention, self.options.dtype,
+                                      self.options.kv_cache, compression)
             description = f"STARFlow block {plan.index}: cached step over a chunk of tokens at a position"
-            save_package(programs, folder / name, self.info(description, block=str(plan.index), layers=_span(plan.layer_groups[group])), threshold)
+            if plan.score:
+                description += "; forward and vjp of the score-step denoise"
+            save_package(programs, folder / name, self.info(description, block=str(plan.index), layers=_span(plan.layer_groups[group])))
             self._advance(name)
         entry: dict[str, Any] = {
             "index": plan.index, "package": names[0], "packages": names, "flipped": plan.flipped, "has_text": plan.has_text,
             "rows": plan.rows, "tokens": plan.tokens, "token_channels": self.config.token_channels,
             "text_length": plan.text_length, "cache_length": plan.cache_length,
             "sos": [float(v) for v in arrays["sos"].reshape(-1)],
-            "functions": {"step": {str(n): step_name(n) for n in plan.chunk_sizes}, **({"prefill": PREFILL} if plan.has_text else {})},
+            "functions": {"step": {str(n): step_name(n) for n in plan.chunk_sizes}, **({"prefill": PREFILL} if plan.has_text else {}),
+                          **({"forward": FORWARD, "vjp": VJP} if plan.score else {})},
             "inputs": {"tokens": TOKENS, "position": POSITION, **({"text": TEXT} if plan.has_text else {})},
             "outputs": {"scale_logit": SCALE_LOGIT, "shift": SHIFT},
             "hidden": {"input": HIDDEN_IN, "output": HIDDEN_OUT},
@@ -300,19 +271,13 @@ class _Exporter:
             entry["caches"] = {name: updated_name(name) for g in plan.layer_groups for layer in g for name in cache_names(layer)}
         return entry
 
-    def _score_step(self, folder: Path) -> dict[str, Any] | None:
+    def _score_step(self) -> dict[str, Any] | None:
+        """Where the score step lives: the `forward`/`vjp` functions of every flow block's packages."""
         if not self.options.score_step:
             return None
-        if self.options.package_limit is not None:
-            log.warning("no ScoreStep package for %s: it holds every flow weight again, over the package limit; "
-                        "the app decodes without the score-step denoise", self.options.target)
-            return None
-        program = score_program(self.parts.flow, *self.latent, self.text_length, self.options.dtype)
-        name = "ScoreStep.mlpackage"
-        save_package({"main": program}, folder / name, self.info("score-step denoise: x − σ²·∇ₓ D·nll(x)", compressed=False))
-        self._advance(name)
-        return {"package": name, "inputs": {"latent": LATENT, **({"text": TEXT} if self.text_length else {})},
-                "output": DENOISED, "noise_std": self.config.noise_std}
+        return {"noise_std": self.config.noise_std,
+                "inputs": {"tokens": TOKENS, "hidden": HIDDEN_IN, "cotangent": COTANGENT, **({"text": TEXT} if self.text_length else {})},
+                "outputs": {"z": Z, "next_hidden": HIDDEN_OUT, "tokens_cotangent": TOKENS_COTANGENT, "hidden_cotangent": HIDDEN_COTANGENT}}
 
     def _vae(self, folder: Path) -> dict[str, Any] | None:
         vae = self.parts.vae

@@ -10,6 +10,13 @@ as `hidden`.
 
 `kv_cache="io"` passes the caches as inputs and outputs instead of state: Core ML states are
 float16 only, so this is how a float32 graph is checked at the flow's own tolerances.
+
+The score-step denoise lives in the same packages, sharing the weights: `forward` runs the
+block in the likelihood direction over a whole image (tokens → z, or → `next_hidden` for all
+but the last package of a split block) and `vjp` returns the cotangent of its inputs for a
+cotangent of its output, with the block's Σ log σ term of D·nll included. The driver
+(`score.denoise`, Swift `BlockScoreStep`) runs every block forward, then the vjps in reverse
+from the cotangent z of ½Σz². One image per call, conditional text rows only.
 """
 
 from __future__ import annotations
@@ -19,9 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlx_starflow.config import FlowConfig
+from mlx_starflow.sampling import INV_SOFTPLUS_1
 
+from .autodiff import Tape
 from .builder import Ops, build_program, state_spec, tensor_spec
-from .compress import bytes_per_weight
+from .compress import WeightCompression, bytes_per_weight
 from .coremltools_api import Program, Var, mb
 from .flow_graph import (
     BlockShape,
@@ -29,6 +38,8 @@ from .flow_graph import (
     embed_text,
     embed_tokens,
     gather_rope,
+    likelihood_inputs,
+    likelihood_layers,
     make_layout,
     output_head,
     query_positions,
@@ -40,6 +51,8 @@ from .weights import Weights
 
 TOKENS, POSITION, TEXT, SCALE_LOGIT, SHIFT = "tokens", "position", "text", "scale_logit", "shift"
 PREFILL = "prefill"
+FORWARD, VJP = "forward", "vjp"
+Z, COTANGENT, TOKENS_COTANGENT, HIDDEN_COTANGENT = "z", "cotangent", "tokens_cotangent", "hidden_cotangent"
 KV_CACHE_MODES = ("state", "io")
 
 
@@ -68,6 +81,8 @@ class BlockPlan:
     text_length: int
     chunk_sizes: tuple[int, ...]
     layer_groups: tuple[tuple[int, ...], ...]
+    score: bool = False
+    """Whether the packages carry the score step's `forward` and `vjp` functions."""
 
     @property
     def tokens(self) -> int:
@@ -134,7 +149,7 @@ def _hidden_output(ops: Ops, layout: SequenceLayout, h: Var) -> Var:
 
 
 def step_program(config: FlowConfig, arrays: dict[str, np.ndarray], plan: BlockPlan, group: int, chunk: int,
-                 attention: str, precision: str, kv_cache: str = "state") -> Program:
+                 attention: str, precision: str, kv_cache: str = "state", compression: WeightCompression | None = None) -> Program:
     """`step_{chunk}` of one package of a block: tokens (or hidden) at `position` → (scale logit, shift) (or hidden)."""
     ops = Ops(precision)
     layout = make_layout(attention, BlockShape.of(config))
@@ -144,7 +159,7 @@ def step_program(config: FlowConfig, arrays: dict[str, np.ndarray], plan: BlockP
     table = rope_table(config, *plan.grid, plan.text_length, plan.cache_length)
 
     def body(v: dict[str, Var]) -> list[Var]:
-        w = Weights(ops, arrays)
+        w = Weights(ops, arrays, compression)
         store = CacheStore(ops, layout, v, kv_cache)
         position = v[POSITION]
         h = embed_tokens(ops, layout, w, v[TOKENS]) if first else layout.enter(ops, ops.to_compute(v[HIDDEN_IN]))
@@ -158,7 +173,7 @@ def step_program(config: FlowConfig, arrays: dict[str, np.ndarray], plan: BlockP
 
 
 def prefill_program(config: FlowConfig, arrays: dict[str, np.ndarray], plan: BlockPlan, group: int, attention: str,
-                    precision: str, kv_cache: str = "state") -> Program:
+                    precision: str, kv_cache: str = "state", compression: WeightCompression | None = None) -> Program:
     """`prefill` of the deep block: the text states fill cache positions 0…T-1; its output (`next_hidden`) is ignored at the end."""
     ops = Ops(precision)
     layout = make_layout(attention, BlockShape.of(config))
@@ -169,7 +184,7 @@ def prefill_program(config: FlowConfig, arrays: dict[str, np.ndarray], plan: Blo
     table = rope_table(config, *plan.grid, plan.text_length, plan.cache_length)
 
     def body(v: dict[str, Var]) -> list[Var]:
-        w = Weights(ops, arrays)
+        w = Weights(ops, arrays, compression)
         store = CacheStore(ops, layout, v, kv_cache)
         position = mb.const(val=np.zeros(1, np.int32))
         h = embed_text(ops, layout, w, v[TEXT]) if first else layout.enter(ops, ops.to_compute(v[HIDDEN_IN]))
@@ -179,14 +194,90 @@ def prefill_program(config: FlowConfig, arrays: dict[str, np.ndarray], plan: Blo
     return build_program(specs, body)
 
 
+def _likelihood_specs(config: FlowConfig, plan: BlockPlan, group: int) -> dict:
+    """Inputs of `forward`/`vjp` in one package: tokens (first and last package), text (first, deep block), hidden (all but the first)."""
+    first, last = group == 0, group == len(plan.layer_groups) - 1
+    specs = {}
+    if first or last:
+        specs[TOKENS] = tensor_spec((1, plan.tokens, config.token_channels), "fp32")
+    if first and plan.has_text:
+        specs[TEXT] = tensor_spec((1, plan.text_length, config.txt_dim), "fp32")
+    if not first:
+        specs[HIDDEN_IN] = tensor_spec((1, plan.text_length + plan.tokens, config.channels), "fp32")
+    return specs
+
+
+def _likelihood_forward(ops: Ops, config: FlowConfig, w: Weights, plan: BlockPlan, group: int,
+                        v: dict[str, Var]) -> tuple[Var, Var | None]:
+    """This package's part of the block in the likelihood direction: (next hidden, None), or for
+    the last package (z = (x − shift)/σ, σ), float32."""
+    layout = SequenceLayout(BlockShape.of(config))
+    first, last = group == 0, group == len(plan.layer_groups) - 1
+    h = likelihood_inputs(ops, layout, w, v[TOKENS], v.get(TEXT)) if first else ops.to_compute(v[HIDDEN_IN])
+    cos, sin = rope_table(config, *plan.grid, plan.text_length, plan.text_length + plan.tokens)
+    h = likelihood_layers(ops, layout, w, plan.layer_groups[group], h, cos, sin)
+    if not last:
+        return ops.cast(h, "fp32"), None
+    a, b = output_head(ops, layout, w, ops.slice(h, 1, plan.text_length, plan.text_length + plan.tokens))
+    sigma = ops.softplus(ops.add(a, INV_SOFTPLUS_1)) if config.use_softplus else ops.exp(a)
+    return ops.div(ops.sub(v[TOKENS], b), sigma), sigma
+
+
+def forward_program(config: FlowConfig, arrays: dict[str, np.ndarray], plan: BlockPlan, group: int, precision: str,
+                    compression: WeightCompression | None = None) -> Program:
+    """`forward` of one package: one image's tokens in the block's order (and text) → `z`, or → `next_hidden`."""
+    last = group == len(plan.layer_groups) - 1
+
+    def body(v: dict[str, Var]) -> list[Var]:
+        ops = Ops(precision)
+        out, _ = _likelihood_forward(ops, config, Weights(ops, arrays, compression), plan, group, v)
+        return [ops.identity(out, Z if last else HIDDEN_OUT)]
+
+    return build_program(_likelihood_specs(config, plan, group), body)
+
+
+def vjp_program(config: FlowConfig, arrays: dict[str, np.ndarray], plan: BlockPlan, group: int, precision: str,
+                compression: WeightCompression | None = None) -> Program:
+    """`vjp` of one package: the forward's inputs plus `cotangent` (of `z`, or of `next_hidden`) →
+    `tokens_cotangent` (first and last package; the driver adds them) and `hidden_cotangent` (all but the first).
+
+    The last package also seeds its σ with 1/σ, the gradient of the block's Σ log σ in D·nll."""
+    last = group == len(plan.layer_groups) - 1
+    specs = _likelihood_specs(config, plan, group)
+    out_shape = (1, plan.tokens, config.token_channels) if last else (1, plan.text_length + plan.tokens, config.channels)
+    specs[COTANGENT] = tensor_spec(out_shape, "fp32")
+
+    def body(v: dict[str, Var]) -> list[Var]:
+        tape = Tape(precision)
+        watched = [name for name in (TOKENS, HIDDEN_IN) if name in v]
+        for name in watched:
+            tape.watch(v[name])
+        out, sigma = _likelihood_forward(tape, config, Weights(tape, arrays, compression), plan, group, v)
+        seeds = [(out, v[COTANGENT])]
+        if sigma is not None:
+            seeds.append((sigma, mb.real_div(x=np.float32(1.0), y=sigma)))
+        gradients = tape.backward(seeds, [v[name] for name in watched])
+        names = {TOKENS: TOKENS_COTANGENT, HIDDEN_IN: HIDDEN_COTANGENT}
+        return [mb.identity(x=g, name=names[name]) for name, g in zip(watched, gradients)]
+
+    return build_program(specs, body)
+
+
 def block_programs(config: FlowConfig, arrays: dict[str, np.ndarray], plan: BlockPlan, group: int, attention: str,
-                   precision: str, kv_cache: str = "state") -> dict[str, Program]:
-    """Every function of one package of a block, by function name."""
+                   precision: str, kv_cache: str = "state", compression: WeightCompression | None = None) -> dict[str, Program]:
+    """Every function of one package of a block, by function name; `compression` compresses the
+    big kernels once for all of them."""
     if kv_cache not in KV_CACHE_MODES:
         raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, not {kv_cache!r}")
-    programs = {step_name(n): step_program(config, arrays, plan, group, n, attention, precision, kv_cache) for n in plan.chunk_sizes}
+    if plan.score and attention != "original":
+        raise ValueError("the score step's forward/vjp functions exist for the original attention layout only")
+    programs = {step_name(n): step_program(config, arrays, plan, group, n, attention, precision, kv_cache, compression)
+                for n in plan.chunk_sizes}
     if plan.has_text:
-        programs[PREFILL] = prefill_program(config, arrays, plan, group, attention, precision, kv_cache)
+        programs[PREFILL] = prefill_program(config, arrays, plan, group, attention, precision, kv_cache, compression)
+    if plan.score:
+        programs[FORWARD] = forward_program(config, arrays, plan, group, precision, compression)
+        programs[VJP] = vjp_program(config, arrays, plan, group, precision, compression)
     return programs
 
 

@@ -9,7 +9,7 @@ matmul pair per head, with no large transposes. Both compute the same function a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -229,6 +229,30 @@ def output_head(ops: Ops, layout: SequenceLayout, w: Weights, h: Var) -> tuple[V
     return ops.slice(out, -1, 0, cp), ops.slice(out, -1, cp, 2 * cp)
 
 
+def likelihood_inputs(ops: Ops, layout: SequenceLayout, w: Weights, tokens: Var, text: Var | None) -> Var:
+    """Hidden states of [text; sos, x_0 … x_{N-2}] for tokens (B, N, Cp) in the block's order."""
+    b, n, cp = tokens.shape
+    sos = mb.const(val=np.broadcast_to(w.arrays["sos"].reshape(1, 1, cp), (b, 1, cp)).astype(np.float32))
+    h = embed_tokens(ops, layout, w, ops.concat([sos, ops.slice(tokens, 1, 0, n - 1)], axis=1))
+    return h if text is None else ops.concat([embed_text(ops, layout, w, text), h], axis=1)
+
+
+def likelihood_layers(ops: Ops, layout: SequenceLayout, w: Weights, layers: Sequence[int], h: Var, cos: np.ndarray,
+                      sin: np.ndarray) -> Var:
+    """`layers` over the whole sequence at once, causal; cos/sin cover at least its length."""
+    length = h.shape[1]
+    cos_c = layout.rope_rows(ops, ops.weight(cos[:length]))
+    sin_c = layout.rope_rows(ops, ops.weight(sin[:length]))
+    mask = layout.full_mask(ops, length)
+
+    def attend(index: int, q: Var, k: Var, v: Var) -> Var:
+        return layout.attend(ops, q, layout.cache_form(ops, k), layout.cache_form(ops, v), mask)
+
+    for index in layers:
+        h = transformer_layer(ops, layout, w, index, h, cos_c, sin_c, attend)
+    return h
+
+
 def likelihood_block(
     ops: Ops, w: Weights, shape: BlockShape, tokens: Var, text: Var | None, cos: np.ndarray, sin: np.ndarray
 ) -> tuple[Var, Var]:
@@ -238,25 +262,9 @@ def likelihood_block(
     cos/sin cover the text prefix and the tokens, (T + N, head_dim).
     """
     layout = SequenceLayout(shape)
-    b, n, cp = tokens.shape
-    sos = mb.const(val=np.broadcast_to(w.arrays["sos"].reshape(1, 1, cp), (b, 1, cp)).astype(np.float32))
-    shifted = ops.concat([sos, ops.slice(tokens, 1, 0, n - 1)], axis=1)
-    h = embed_tokens(ops, layout, w, shifted)
-    prefix = 0
-    if text is not None:
-        h = ops.concat([embed_text(ops, layout, w, text), h], axis=1)
-        prefix = text.shape[1]
-    length = prefix + n
-    cos_c = layout.rope_rows(ops, ops.weight(cos[:length]))
-    sin_c = layout.rope_rows(ops, ops.weight(sin[:length]))
-    mask = layout.full_mask(ops, length)
-
-    def attend(index: int, q: Var, k: Var, v: Var) -> Var:
-        return layout.attend(ops, q, layout.cache_form(ops, k), layout.cache_form(ops, v), mask)
-
-    for index in sorted(_layer_indices(w)):
-        h = transformer_layer(ops, layout, w, index, h, cos_c, sin_c, attend)
-    return output_head(ops, layout, w, ops.slice(h, 1, prefix, length))
+    h = likelihood_inputs(ops, layout, w, tokens, text)
+    h = likelihood_layers(ops, layout, w, sorted(_layer_indices(w)), h, cos, sin)
+    return output_head(ops, layout, w, ops.slice(h, 1, h.shape[1] - tokens.shape[1], h.shape[1]))
 
 
 def _layer_indices(w: Weights) -> set[int]:

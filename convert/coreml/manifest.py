@@ -15,7 +15,8 @@ from mlx_starflow.errors import ConfigError, ModelNotFound
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "mlx-starflow-coreml"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the score step moved from a `ScoreStep` package into the flow blocks (`forward`/`vjp`)."""
 LICENSE = (
     "Derived from Apple's STARFlow weights (research-use licence of apple/starflow on Hugging Face, "
     "plus the licences of flan-t5-xl and sd-vae-ft-ema); not for redistribution."
@@ -50,8 +51,6 @@ def package_names(manifest: dict[str, Any]) -> list[str]:
         names += manifest["text_encoder"]["packages"]
     for block in reversed(manifest["flow"]["blocks"]):
         names += block["packages"]
-    if manifest.get("score_step"):
-        names.append(manifest["score_step"]["package"])
     if manifest.get("vae"):
         names.append(manifest["vae"]["package"])
         if manifest["vae"].get("encoder_package"):

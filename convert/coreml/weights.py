@@ -15,6 +15,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .builder import Ops
+from .compress import WeightCompression
 from .coremltools_api import Var
 
 
@@ -38,16 +39,22 @@ def module_arrays(module: nn.Module, quantization: dict | None = None) -> dict[s
 
 class Weights:
     """Named arrays, turned into program constants on first use, so a weight used twice (forward
-    and backward) is one constant."""
+    and backward) is one constant; with `compression`, the big kernels become compressed
+    constants that every use shares."""
 
-    def __init__(self, ops: Ops, arrays: dict[str, np.ndarray]):
+    def __init__(self, ops: Ops, arrays: dict[str, np.ndarray], compression: WeightCompression | None = None):
         self.ops = ops
         self.arrays = dict(arrays)
+        self.compression = compression
         self._vars: dict[str, Var] = {}
 
     def __getitem__(self, name: str) -> Var:
         if name not in self._vars:
-            self._vars[name] = self.ops.weight(self.arrays[name])
+            array = self.arrays[name]
+            if self.compression is not None and self.compression.applies(array):
+                self._vars[name] = self.compression.constant(array, self.ops.np_dtype)
+            else:
+                self._vars[name] = self.ops.weight(array)
         return self._vars[name]
 
     def derived(self, name: str, source: str, transform: Callable[[np.ndarray], np.ndarray]) -> Var:

@@ -8,38 +8,16 @@ names first. Convolution kernels go from PyTorch OIHW to MLX OHWI; linear weight
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 
-from mlx_starflow.errors import WeightsError, listing
+from mlx_starflow.errors import WeightsError
+
+from .rules import Matched, Rule, RuleTable
 
 OIHW_TO_OHWI = (0, 2, 3, 1)
 
 PARAM = "{p}"
 """Slot for `weight` or `bias`; `{i}`/`{j}` are block and layer indices, `{part}` encoder/decoder."""
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One source name pattern, the name it becomes, and the axis permutation of its weight."""
-
-    source: str
-    target: str
-    permutation: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class MappedTensor:
-    source: str
-    target: str
-    permutation: tuple[int, ...] | None
-
-    def target_shape(self, source_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape after the permutation (only weights are permuted; biases keep theirs)."""
-        if self.permutation is None or len(source_shape) != len(self.permutation):
-            return tuple(source_shape)
-        return tuple(source_shape[axis] for axis in self.permutation)
 
 
 def _resnet_rules(source: str, target: str) -> list[Rule]:
@@ -105,25 +83,12 @@ AutoencoderKL saved as Sequential(encoder, quant_conv) / Sequential(post_quant_c
 `diffusers`: a plain AutoencoderKL state dict.
 """
 
-_SLOTS = {"part": r"(?P<part>encoder|decoder)", "i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)", "p": r"(?P<p>weight|bias)"}
-
-
-def _compile(pattern: str) -> re.Pattern[str]:
-    pieces = re.split(r"\{(\w+)\}", pattern)
-    regex = "".join(_SLOTS[piece] if n % 2 else re.escape(piece) for n, piece in enumerate(pieces))
-    return re.compile(regex + r"\Z")
-
-
-_COMPILED = tuple((_compile(rule.source), rule) for rule in RULES)
-
-
-def map_name(source: str) -> MappedTensor | None:
-    """Our name for one diffusers name, or None when no rule matches."""
-    for regex, rule in _COMPILED:
-        match = regex.match(source)
-        if match:
-            return MappedTensor(source, rule.target.format(**match.groupdict()), rule.permutation)
-    return None
+TABLE = RuleTable(
+    RULES,
+    slots={"part": r"encoder|decoder", "i": r"\d+", "j": r"\d+", "p": r"weight|bias"},
+    one_to_one=False,
+)
+"""Several legacy attention names fill one weight, so missing weights are named as ours."""
 
 
 def finetuned_to_diffusers(names: Iterable[str]) -> tuple[str, dict[str, str]]:
@@ -146,41 +111,17 @@ def finetuned_to_diffusers(names: Iterable[str]) -> tuple[str, dict[str, str]]:
     )
 
 
-def apply(
-    names: Iterable[str],
-    expected: Iterable[str],
-    *,
-    ignore_prefixes: tuple[str, ...] = (),
-) -> dict[str, MappedTensor]:
-    """Map every source name onto our parameter names, or raise `WeightsError` listing the problems.
+def apply(names: Mapping[str, str], expected: Iterable[str], *, ignore_prefixes: tuple[str, ...] = ()) -> Matched:
+    """Map `{diffusers name: key in the file}` onto our parameter names, or raise `WeightsError`.
 
     `expected` is the model's parameter names. A mapped name outside it whose target starts
     with one of `ignore_prefixes` is dropped (the frozen encoder inside a fine-tuned decoder
     file); any other unmatched name, a target named twice, or a parameter nobody fills is an error.
     """
-    expected = set(expected)
-    mapped: dict[str, MappedTensor] = {}
-    unused, duplicated = [], []
-    for name in names:
-        tensor = map_name(name)
-        if tensor is None or (tensor.target not in expected and not tensor.target.startswith(ignore_prefixes)):
-            unused.append(name)
-        elif tensor.target not in expected:
-            continue
-        elif tensor.target in mapped:
-            duplicated.append(f"{mapped[tensor.target].source} and {name}")
-        else:
-            mapped[tensor.target] = tensor
-    missing = sorted(expected - set(mapped))
-    if unused or missing or duplicated:
-        problems = [
-            f"unknown keys {listing(sorted(unused))}" if unused else "",
-            f"missing weights {listing(missing)}" if missing else "",
-            f"the same weight given twice: {listing(duplicated)}" if duplicated else "",
-        ]
-        raise WeightsError(
-            "VAE checkpoint does not match its config: " + "; ".join(p for p in problems if p)
-            + " (is config.json the one that belongs to these weights?)"
-        )
-    return mapped
-
+    return TABLE.apply(
+        names.items(),
+        expected,
+        what="VAE checkpoint does not match its config",
+        fix="is config.json the one that belongs to these weights?",
+        ignore_targets=ignore_prefixes,
+    )

@@ -42,7 +42,8 @@ final class GeneratorModel: ObservableObject {
         status = "Sampling…"
         let stop = StopFlag()
         self.stop = stop
-        let configuration = GenerationConfiguration(seed: seed, guidance: Float(guidance))
+        var configuration = GenerationConfiguration(seed: seed)
+        configuration.guidance = Float(guidance)
         Task {
             do {
                 let generated = try await Task.detached(priority: .userInitiated) {

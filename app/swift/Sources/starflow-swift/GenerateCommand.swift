@@ -5,7 +5,8 @@ import StarFlow
 enum GenerateCommand {
     static let usage = """
         starflow-swift generate "prompt" --model EXPORT_DIR [--seed N] [--guidance 3.6] [--jacobi | --sequential]
-                       [--jacobi-block-size 16] [--jacobi-threshold 0.001] [--jacobi-max-iter 32] [--no-denoise]
+                       [--jacobi-block-size 16] [--jacobi-threshold 0.001] [--jacobi-max-iter 32] [--jacobi-coupled]
+                       [--no-denoise]
                        [--output starflow.png] [--compute-units cpuAndGPU|all|cpuAndNeuralEngine|cpuOnly]
         """
 
@@ -21,7 +22,7 @@ enum GenerateCommand {
         let parsed = try ParsedArguments(
             arguments,
             options: ["model", "seed", "guidance", "jacobi-block-size", "jacobi-threshold", "jacobi-max-iter", "output", "compute-units"],
-            flags: ["jacobi", "sequential", "no-denoise"])
+            flags: ["jacobi", "sequential", "jacobi-coupled", "no-denoise"])
         let prompt = try parsed.single("prompt")
         guard let model = parsed.string("model") else { throw UsageError("--model is required (a folder written by `starflow export-coreml`)") }
         guard !(parsed.has("jacobi") && parsed.has("sequential")) else { throw UsageError("choose one of --jacobi and --sequential") }
@@ -35,14 +36,26 @@ enum GenerateCommand {
             configuration.seed = value
         }
         configuration.guidance = try parsed.float("guidance") ?? configuration.guidance
-        configuration.jacobi = !parsed.has("sequential")
-        configuration.jacobiBlockSize = try parsed.int("jacobi-block-size") ?? configuration.jacobiBlockSize
-        configuration.jacobiThreshold = try parsed.float("jacobi-threshold") ?? configuration.jacobiThreshold
-        configuration.jacobiMaxIter = try parsed.int("jacobi-max-iter") ?? configuration.jacobiMaxIter
+        configuration.method = try method(parsed)
         configuration.denoise = !parsed.has("no-denoise")
         return Request(prompt: prompt, model: URL(fileURLWithPath: model),
                        output: URL(fileURLWithPath: parsed.string("output") ?? "starflow.png"),
                        computeUnits: units, configuration: configuration)
+    }
+
+    /// `--sequential`, or Jacobi (the default) with the `--jacobi-*` settings; a Jacobi setting
+    /// beside `--sequential` is a usage error rather than silently ignored.
+    private static func method(_ parsed: ParsedArguments) throws -> SamplingMethod {
+        let jacobiOptions = ["jacobi-block-size", "jacobi-threshold", "jacobi-max-iter", "jacobi-coupled"].filter(parsed.given)
+        if parsed.has("sequential") {
+            guard jacobiOptions.isEmpty else { throw UsageError("--\(jacobiOptions[0]) needs Jacobi sampling; drop it or --sequential") }
+            return .sequential
+        }
+        guard case let .jacobi(blockSize, threshold, maxIter, _) = SamplingMethod.officialJacobi else { return .officialJacobi }
+        return .jacobi(blockSize: try parsed.int("jacobi-block-size") ?? blockSize,
+                       threshold: try parsed.float("jacobi-threshold") ?? threshold,
+                       maxIter: try parsed.int("jacobi-max-iter") ?? maxIter,
+                       coupled: parsed.has("jacobi-coupled"))
     }
 
     static func run(_ arguments: [String], output: @escaping (String) -> Void) async throws {

@@ -29,6 +29,9 @@ struct ParsedArguments {
 
     func has(_ flag: String) -> Bool { flags.contains(flag) }
 
+    /// Whether the option or flag `name` was given at all.
+    func given(_ name: String) -> Bool { flags.contains(name) || values[name] != nil }
+
     func string(_ name: String) -> String? { values[name] }
 
     func int(_ name: String) throws -> Int? {

@@ -30,13 +30,21 @@ struct CommandLineToolTests {
 
     @Test func generateParsesEveryOption() throws {
         let request = try GenerateCommand.parse([
-            "a red panda", "--model", "/models/export", "--seed", "7", "--guidance", "2.5", "--sequential",
+            "a red panda", "--model", "/models/export", "--seed", "7", "--guidance", "2.5", "--jacobi-coupled",
             "--no-denoise", "--output", "panda.png", "--compute-units", "cpuAndNeuralEngine", "--jacobi-block-size", "8",
         ])
         #expect(request.prompt == "a red panda" && request.model.path == "/models/export" && request.output.lastPathComponent == "panda.png")
         #expect(request.computeUnits == .cpuAndNeuralEngine)
-        #expect(request.configuration == GenerationConfiguration(seed: 7, guidance: 2.5, jacobi: false, jacobiBlockSize: 8, denoise: false))
+        #expect(request.configuration == GenerationConfiguration(
+            seed: 7, sampling: SamplingConfiguration(guidance: 2.5, method: .jacobi(blockSize: 8, coupled: true)), denoise: false))
         #expect(try GenerateCommand.parse(["x", "--model", "m"]).configuration == GenerationConfiguration())
+        #expect(try GenerateCommand.parse(["x", "--model", "m", "--sequential"]).configuration.method == .sequential)
+    }
+
+    @Test func jacobiSettingsBesideSequentialAreAMistake() {
+        #expect(throws: UsageError.self) {
+            try GenerateCommand.parse(["x", "--model", "m", "--sequential", "--jacobi-max-iter", "4"])
+        }
     }
 
     @Test func usageMistakesExitWithStatusTwo() async {

@@ -25,15 +25,16 @@ struct ExportContractTests {
                 if let prefill = block.functions.prefill {
                     try check(package, prefill, manifest.prefillInterface(of: block, part: part))
                 }
+                if let forward = block.functions.forward, let vjp = block.functions.vjp {
+                    try check(package, forward, manifest.forwardInterface(of: block, part: part))
+                    try check(package, vjp, manifest.vjpInterface(of: block, part: part))
+                }
             }
         }
         if let encoder = manifest.textEncoder {
             for (part, package) in encoder.packageChain.enumerated() {
                 try check(package, "main", manifest.textEncoderInterface(part: part))
             }
-        }
-        if let score = manifest.scoreStep {
-            try check(score.package, "main", manifest.scoreStepInterface())
         }
         if let vae = manifest.vae {
             try check(vae.package, "main", manifest.decoderInterface(input: try #require(vae.input), output: try #require(vae.output)))

@@ -13,13 +13,14 @@ struct ExportManifestTests {
                 "index": index, "package": "FlowBlock\(index).mlpackage", "flipped": index % 2 == 0, "has_text": deep,
                 "rows": deep ? 2 : 1, "tokens": 64, "token_channels": 4, "text_length": deep ? 16 : 0,
                 "cache_length": (deep ? 16 : 0) + 64 + 15, "sos": [0.1, 0.2, 0.3, 0.4],
-                "functions": ["prefill": deep ? "prefill" : NSNull(), "step": ["1": "step_1", "16": "step_16"]] as [String: Any],
+                "functions": ["prefill": deep ? "prefill" : NSNull(), "step": ["1": "step_1", "16": "step_16"],
+                              "forward": "forward", "vjp": "vjp"] as [String: Any],
                 "inputs": ["tokens": "tokens", "position": "position", "text": deep ? "text" : NSNull()] as [String: Any],
                 "outputs": ["scale_logit": "scale_logit", "shift": "shift"],
             ]
         }
         return [
-            "format": "mlx-starflow-coreml", "format_version": 1,
+            "format": "mlx-starflow-coreml", "format_version": 2,
             "model": ["name": "tiny", "source_sha256": "00", "license": "research"],
             "precision": "float16", "compression": NSNull(), "attention": "original", "target": "macOS15",
             "kv_cache": "state", "batch": 1,
@@ -30,8 +31,10 @@ struct ExportManifestTests {
             "flow": ["use_softplus": true, "noise_std": 0.3, "blocks": (0..<3).map(block)],
             "text_encoder": ["package": "TextEncoder.mlpackage",
                              "inputs": ["input_ids": "input_ids", "attention_mask": "attention_mask"], "output": "text_states"],
-            "score_step": ["package": "ScoreStep.mlpackage", "inputs": ["latent": "latent", "text": "text"],
-                           "output": "denoised", "noise_std": 0.3],
+            "score_step": ["noise_std": 0.3,
+                           "inputs": ["tokens": "tokens", "hidden": "hidden", "cotangent": "cotangent", "text": "text"],
+                           "outputs": ["z": "z", "next_hidden": "next_hidden", "tokens_cotangent": "tokens_cotangent",
+                                       "hidden_cotangent": "hidden_cotangent"]],
         ]
     }
 
@@ -81,8 +84,15 @@ struct ExportManifestTests {
 
     @Test func otherFormatVersionIsRefused() {
         var manifest = Self.textManifest()
-        manifest["format_version"] = 2
-        #expect(Self.loadError(manifest).contains("version 2"))
+        manifest["format_version"] = 1
+        #expect(Self.loadError(manifest).contains("version 1"))
+    }
+
+    @Test func scoreStepNeedsForwardAndVJPInEveryBlock() {
+        let manifest = Self.withBlock(Self.textManifest(), 1) { block in
+            block["functions"] = ["step": ["1": "step_1", "16": "step_16"]]
+        }
+        #expect(Self.loadError(manifest).contains("flow.blocks[1]: the score step needs forward and vjp"))
     }
 
     @Test func missingKeyIsNamedWithItsPath() {

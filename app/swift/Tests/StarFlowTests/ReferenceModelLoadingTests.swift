@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import StarFlow
+@testable import StarFlowReference
 
 /// Converted flow folders load strictly: the config schema is checked key by key, and the weights
 /// file must hold exactly the tensors the config describes.

@@ -41,7 +41,7 @@ struct SamplerControlTests {
     @Test func jacobiChunksCoverTheTokensAtTheirPositions() throws {
         let (sampler, blocks) = try sampler()
         let result = try sampler.sample(noise: noise, condition: condition.rows(0..<1),
-                                        configuration: SamplingConfiguration(jacobi: true, jacobiBlockSize: 4))
+                                        configuration: SamplingConfiguration(method: .jacobi(blockSize: 4)))
         #expect(blocks[1].steps.map(\.position) == [3, 7])
         #expect(blocks[1].steps.map(\.count) == [4, 2])
         #expect(result.blocks[0].jacobiChunks.map(\.start) == [0, 4])
@@ -84,9 +84,18 @@ struct SamplerControlTests {
     @Test func chunksLargerThanTheBlocksRunAreRefusedUpFront() throws {
         let (sampler, blocks) = try sampler(maxChunk: 4)
         let error = #expect(throws: StarFlowError.self) {
-            try sampler.sample(noise: noise, condition: condition, configuration: SamplingConfiguration(jacobi: true, jacobiBlockSize: 16))
+            try sampler.sample(noise: noise, condition: condition, configuration: SamplingConfiguration(method: .jacobi(blockSize: 16)))
         }
         #expect(error?.description.contains("16") == true)
+        #expect(blocks[1].resets.isEmpty)
+    }
+
+    @Test(arguments: [SamplingMethod.jacobi(blockSize: 0), .jacobi(maxIter: 0), .jacobi(threshold: -1)])
+    func jacobiSettingsNoLoopCanRunAreRefused(method: SamplingMethod) throws {
+        let (sampler, blocks) = try sampler()
+        #expect(throws: StarFlowError.self) {
+            try sampler.sample(noise: noise, condition: condition, configuration: SamplingConfiguration(method: method))
+        }
         #expect(blocks[1].resets.isEmpty)
     }
 

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import StarFlow
+@testable import StarFlowReference
 
 /// The fixture comparisons above must be able to fail: each porting bug below, simulated from
 /// outside the sampler, moves the sample far past the 2e-4 tolerance (the README's sensitivity

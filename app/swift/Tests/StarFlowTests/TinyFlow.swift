@@ -1,5 +1,6 @@
 import Foundation
 @testable import StarFlow
+@testable import StarFlowReference
 
 /// The tiny fixture models (converted with `starflow convert`) behind the reference backend.
 enum TinyFlow {

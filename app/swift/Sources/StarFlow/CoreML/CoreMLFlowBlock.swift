@@ -3,18 +3,27 @@ import CoreML
 import Foundation
 
 /// A flow block exported as stateful Core ML: one function per chunk size (and a prefill
-/// function for the deep block) sharing the weights and the KV cache state of their package.
-/// A block split by layers into several packages runs them in order, each with its own state,
-/// passing the hidden state on. `reset` makes fresh states; a chunk smaller than the smallest
-/// fitting function is padded with zeros, whose keys land in cache slots no real query reads,
-/// and the padded outputs are dropped.
-public final class CoreMLFlowBlock: FlowBlock {
-    /// One package of the block: its step models by chunk size, its prefill model, its state.
-    private struct Part {
+/// function for the deep block) sharing the weights and the KV cache state of their package,
+/// plus the score step's `forward` and `vjp`. A block split by layers into several packages runs
+/// them in order, each with its own state, passing the hidden state on. `reset` makes fresh
+/// states; a chunk smaller than the smallest fitting function is padded with zeros, whose keys
+/// land in cache slots no real query reads, and the padded outputs are dropped.
+///
+/// The sampling functions and the score-step functions are two managed resources: each loads
+/// on first use, and `unloadResources` drops both (and the states).
+public final class CoreMLFlowBlock: FlowBlock, LikelihoodBlock, ResourceManaging {
+    /// The sampling functions of one package: step models by chunk size, the prefill model.
+    struct SamplingPart {
         let path: String
         let steps: [(size: Int, model: MLModel)]
         let prefill: MLModel?
-        var state: MLState?
+    }
+
+    /// The score-step functions of one package.
+    struct ScoringPart {
+        let path: String
+        let forward: MLModel
+        let vjp: MLModel
     }
 
     public let spec: ExportManifest.Block
@@ -25,71 +34,175 @@ public final class CoreMLFlowBlock: FlowBlock {
     public var tokenCount: Int { spec.tokens }
     public var maxChunkSize: Int { spec.stepFunctions.last?.size ?? 0 }
 
-    private var parts: [Part]
+    private let manifest: ExportManifest
+    private let sampling: ManagedResource<[SamplingPart]>
+    private let scoring: ManagedResource<[ScoringPart]>
+    private var states: [MLState] = []
 
-    init(packages: [CoreMLPackage], spec: ExportManifest.Block, manifest: ExportManifest, computeUnits: ComputeUnits) throws {
+    init(packages: [CoreMLPackage], spec: ExportManifest.Block, manifest: ExportManifest, computeUnits: ComputeUnits) {
         self.spec = spec
-        parts = try packages.enumerated().map { part, package in
-            let steps = try spec.stepFunctions.map { size, name in
-                (size, try package.load(function: name, computeUnits: computeUnits,
-                                        expecting: manifest.stepInterface(of: spec, chunk: size, part: part)))
+        self.manifest = manifest
+        sampling = ManagedResource(name: "\(spec.package) sampling") {
+            try packages.enumerated().map { part, package in
+                let steps = try spec.stepFunctions.map { size, name in
+                    (size, try package.load(function: name, computeUnits: computeUnits,
+                                            expecting: manifest.stepInterface(of: spec, chunk: size, part: part)))
+                }
+                var prefill: MLModel?
+                if let name = spec.functions.prefill, let expected = manifest.prefillInterface(of: spec, part: part) {
+                    prefill = try package.load(function: name, computeUnits: computeUnits, expecting: expected)
+                }
+                return SamplingPart(path: package.url.path, steps: steps, prefill: prefill)
             }
-            var prefill: MLModel?
-            if let name = spec.functions.prefill, let expected = manifest.prefillInterface(of: spec, part: part) {
-                prefill = try package.load(function: name, computeUnits: computeUnits, expecting: expected)
-            }
-            return Part(path: package.url.path, steps: steps, prefill: prefill, state: nil)
         }
+        scoring = ManagedResource(name: "\(spec.package) score step") {
+            guard let forward = spec.functions.forward, let vjp = spec.functions.vjp else {
+                throw StarFlowError.invalidFile(path: ExportManifest.fileName, problem: "\(spec.package) has no score-step functions; export with the score step")
+            }
+            return try packages.enumerated().map { part, package in
+                guard let forwardInterface = manifest.forwardInterface(of: spec, part: part),
+                      let vjpInterface = manifest.vjpInterface(of: spec, part: part) else {
+                    throw StarFlowError.invalidFile(path: ExportManifest.fileName, problem: "the manifest has no score_step entry")
+                }
+                return ScoringPart(path: package.url.path,
+                                   forward: try package.load(function: forward, computeUnits: computeUnits, expecting: forwardInterface),
+                                   vjp: try package.load(function: vjp, computeUnits: computeUnits, expecting: vjpInterface))
+            }
+        }
+    }
+
+    public func loadResources() throws { try sampling.loadResources() }
+
+    public func unloadResources() {
+        states = []
+        sampling.unloadResources()
+        scoring.unloadResources()
     }
 
     public func reset(rows: Int) throws {
         guard rows == spec.rows else {
             throw StarFlowError.invalidArgument("\(spec.package) was exported for \(spec.rows) rows, not \(rows)")
         }
-        for index in parts.indices {
-            guard let first = parts[index].steps.first?.model else {
-                throw StarFlowError.interfaceMismatch(path: parts[index].path, problem: "the package has no step function")
+        states = try sampling.perform { parts in
+            try parts.map { part in
+                guard let first = part.steps.first?.model else {
+                    throw StarFlowError.interfaceMismatch(path: part.path, problem: "the package has no step function")
+                }
+                return first.makeState()
             }
-            parts[index].state = first.makeState()
         }
     }
 
     public func prefill(text: Tensor) throws {
-        guard let input = spec.inputs.text, let model = parts.first?.prefill else {
+        guard let input = spec.inputs.text else {
             throw StarFlowError.invalidArgument("\(spec.package) has no prefill function; only the deep block reads the condition")
         }
-        let array = try MLMultiArray.make(text, dataType: CoreMLPackage.dataType(of: model, input: input))
-        _ = try runChain(first: [input: array], shared: [:]) { $0.prefill }
+        try sampling.perform { parts in
+            guard let model = parts.first?.prefill else {
+                throw StarFlowError.invalidArgument("\(spec.package) has no prefill function; only the deep block reads the condition")
+            }
+            let array = try MLMultiArray.make(text, dataType: CoreMLPackage.dataType(of: model, input: input))
+            _ = try runChain(parts, first: [input: array], shared: [:]) { $0.prefill }
+        }
     }
 
     public func step(tokens: Tensor, position: Int) throws -> (scaleLogit: Tensor, shift: Tensor) {
         let count = tokens.shape[1]
-        guard let size = spec.stepFunctions.map(\.size).first(where: { $0 >= count }), let firstStep = parts.first?.steps else {
+        guard let size = spec.stepFunctions.map(\.size).first(where: { $0 >= count }) else {
             throw StarFlowError.invalidArgument("\(spec.package) has no step function for \(count) tokens (largest \(maxChunkSize))")
         }
-        let model = try Self.model(firstStep, size: size)
-        let padded = Self.padded(tokens, to: size)
-        let inputs = [spec.inputs.tokens: try MLMultiArray.make(padded, dataType: CoreMLPackage.dataType(of: model, input: spec.inputs.tokens))]
-        let position = [spec.inputs.position: try MLMultiArray.make(int32: [Int32(position)], shape: [1])]
-        let result = try runChain(first: inputs, shared: position) { try Self.model($0.steps, size: size) }
-        let last = parts[parts.count - 1].path
-        let scaleLogit = try readOutput(spec.outputs.scaleLogit, of: result, path: last)
-        let shift = try readOutput(spec.outputs.shift, of: result, path: last)
-        return (Self.firstTokens(scaleLogit, count: count), Self.firstTokens(shift, count: count))
+        return try sampling.perform { parts in
+            guard let firstSteps = parts.first?.steps else {
+                throw StarFlowError.interfaceMismatch(path: spec.package, problem: "the block has no package")
+            }
+            let model = try Self.model(firstSteps, size: size)
+            let padded = Self.padded(tokens, to: size)
+            let inputs = [spec.inputs.tokens: try MLMultiArray.make(padded, dataType: CoreMLPackage.dataType(of: model, input: spec.inputs.tokens))]
+            let position = [spec.inputs.position: try MLMultiArray.make(int32: [Int32(position)], shape: [1])]
+            let result = try runChain(parts, first: inputs, shared: position) { try Self.model($0.steps, size: size) }
+            let last = parts[parts.count - 1].path
+            let scaleLogit = try readOutput(spec.outputs.scaleLogit, of: result, path: last)
+            let shift = try readOutput(spec.outputs.shift, of: result, path: last)
+            return (Self.firstTokens(scaleLogit, count: count), Self.firstTokens(shift, count: count))
+        }
     }
+
+    // MARK: score step
+
+    public func forward(tokens: Tensor, text: Tensor?) throws -> Tensor {
+        let score = try scoreNames()
+        return try scoring.perform { parts in
+            let inputs = try partInputs(parts, tokens: tokens, text: text, score: score)
+            let last = parts[parts.count - 1]
+            return try readOutput(score.outputs.z, of: predict(last.forward, inputs[inputs.count - 1], state: nil, path: last.path), path: last.path)
+        }
+    }
+
+    public func vjp(tokens: Tensor, text: Tensor?, cotangent: Tensor) throws -> Tensor {
+        let score = try scoreNames()
+        return try scoring.perform { parts in
+            let inputs = try partInputs(parts, tokens: tokens, text: text, score: score)
+            let last = parts[parts.count - 1]
+            var incoming = try MLMultiArray.make(cotangent, dataType: CoreMLPackage.dataType(of: last.vjp, input: score.inputs.cotangent))
+            var total = [Float](repeating: 0, count: tokens.count)
+            for index in parts.indices.reversed() {
+                let part = parts[index]
+                let result = try predict(part.vjp, inputs[index].merging([score.inputs.cotangent: incoming]) { _, new in new }, state: nil, path: part.path)
+                if index == 0 || index == parts.count - 1 {
+                    let gradient = try readOutput(score.outputs.tokensCotangent, of: result, path: part.path)
+                    for position in total.indices { total[position] += gradient.values[position] }
+                }
+                if index > 0 { incoming = try readArray(score.outputs.hiddenCotangent, of: result, path: part.path) }
+            }
+            return Tensor(shape: tokens.shape, values: total)
+        }
+    }
+
+    private func scoreNames() throws -> ExportManifest.ScoreStep {
+        guard let score = manifest.scoreStep else {
+            throw StarFlowError.invalidFile(path: ExportManifest.fileName, problem: "the export has no score step (it was made with --no-score-step)")
+        }
+        return score
+    }
+
+    /// The inputs of every package's score functions for one image: tokens and text for the
+    /// first, each later package the previous one's `next_hidden` (run forward here), and the
+    /// tokens again for the last.
+    private func partInputs(_ parts: [ScoringPart], tokens: Tensor, text: Tensor?, score: ExportManifest.ScoreStep) throws -> [[String: MLMultiArray]] {
+        guard let first = parts.first else { throw StarFlowError.interfaceMismatch(path: spec.package, problem: "the block has no package") }
+        let tokenArray = try MLMultiArray.make(tokens, dataType: CoreMLPackage.dataType(of: first.forward, input: score.inputs.tokens))
+        var firstInputs = [score.inputs.tokens: tokenArray]
+        if spec.hasText {
+            guard let name = score.inputs.text, let text else {
+                throw StarFlowError.invalidArgument("\(spec.package) needs the conditional text states for the score step")
+            }
+            firstInputs[name] = try MLMultiArray.make(text, dataType: CoreMLPackage.dataType(of: first.forward, input: name))
+        }
+        var inputs = [firstInputs]
+        for index in parts.indices.dropFirst() {
+            let previous = parts[index - 1]
+            let output = try predict(previous.forward, inputs[index - 1], state: nil, path: previous.path)
+            var next = [score.inputs.hidden: try readArray(score.outputs.nextHidden, of: output, path: previous.path)]
+            if index == parts.count - 1 { next[score.inputs.tokens] = tokenArray }
+            inputs.append(next)
+        }
+        return inputs
+    }
+
+    // MARK: helpers
 
     /// Runs the function `pick` chooses in every package, feeding each the previous one's
     /// hidden state (plus the `shared` inputs), and returns the last package's outputs.
-    private func runChain(first: [String: MLMultiArray], shared: [String: MLMultiArray],
-                          pick: (Part) throws -> MLModel?) throws -> MLFeatureProvider {
+    private func runChain(_ parts: [SamplingPart], first: [String: MLMultiArray], shared: [String: MLMultiArray],
+                          pick: (SamplingPart) throws -> MLModel?) throws -> MLFeatureProvider {
+        guard states.count == parts.count else {
+            throw StarFlowError.invalidArgument("call reset(rows:) before running \(spec.package)")
+        }
         var inputs = first
         var result: MLFeatureProvider?
-        for part in parts {
+        for (part, state) in zip(parts, states) {
             guard let model = try pick(part) else {
                 throw StarFlowError.interfaceMismatch(path: part.path, problem: "the package lacks a function the block needs")
-            }
-            guard let state = part.state else {
-                throw StarFlowError.invalidArgument("call reset(rows:) before running \(part.path)")
             }
             let output = try predict(model, inputs.merging(shared) { current, _ in current }, state: state, path: part.path)
             if let hidden = spec.hidden, let array = output.featureValue(for: hidden.output)?.multiArrayValue {

@@ -2,16 +2,24 @@
 import CoreML
 import Foundation
 
-/// One `.mlpackage` of an export, compiled once and loaded per function with the caller's
-/// compute units. Loading never guesses names: each function's declared inputs and outputs are
-/// compared with what the manifest promises.
-struct CoreMLPackage {
+/// One model of an export (`.mlpackage`, or `.mlmodelc` as an app bundles it), compiled once
+/// through the `CompiledModelCache` and loaded per function with the caller's compute units.
+/// Loading never guesses names: each function's declared inputs and outputs are compared with
+/// what the manifest promises.
+struct CoreMLPackage: Sendable {
     let url: URL
     private let compiledURL: URL
 
-    static func compile(_ url: URL) async throws -> CoreMLPackage {
+    /// The model the manifest calls `name` in `folder`, compiled (or taken as compiled) via `cache`.
+    static func prepare(_ name: String, in folder: URL, cache: CompiledModelCache) async throws -> CoreMLPackage {
+        guard let url = ExportManifest.modelURL(named: name, in: folder) else {
+            throw StarFlowError.fileNotFound(path: folder.appendingPathComponent(name).path, fix: "export the model again")
+        }
         do {
-            return CoreMLPackage(url: url, compiledURL: try await MLModel.compileModel(at: url))
+            let compiled = try await cache.compiledModel(at: url) { try await MLModel.compileModel(at: $0) }
+            return CoreMLPackage(url: url, compiledURL: compiled)
+        } catch let error as StarFlowError {
+            throw error
         } catch {
             throw StarFlowError.coreMLFailure(path: url.path, message: "cannot compile: \(error.localizedDescription)")
         }
@@ -83,5 +91,13 @@ func readOutput(_ name: String, of result: MLFeatureProvider, path: String) thro
         throw StarFlowError.interfaceMismatch(path: path, problem: "the prediction has no multi-array output \(name)")
     }
     return try array.tensor()
+}
+
+/// Output `name` of a prediction as the array itself, to hand on to the next package.
+func readArray(_ name: String, of result: MLFeatureProvider, path: String) throws -> MLMultiArray {
+    guard let array = result.featureValue(for: name)?.multiArrayValue else {
+        throw StarFlowError.interfaceMismatch(path: path, problem: "the prediction has no multi-array output \(name)")
+    }
+    return array
 }
 #endif

@@ -4,35 +4,47 @@ import Foundation
 
 /// The exported SD-VAE decoder: a flow latent, divided by the scaling factor, → an image in
 /// [−1, 1]. Its input and output are the manifest's names, or else the package's only ones.
-public final class VAEDecoder {
-    private let model: MLModel
-    private let inputName: String
-    private let outputName: String
+/// The package loads on first use and unloads on request.
+public final class VAEDecoder: LatentDecoding {
+    private struct Loaded {
+        let model: MLModel
+        let input: String
+        let output: String
+    }
+
     private let scalingFactor: Float
     private let path: String
+    private let loaded: ManagedResource<Loaded>
 
     init(package: CoreMLPackage, manifest: ExportManifest, computeUnits: ComputeUnits) throws {
         guard let vae = manifest.vae else {
             throw StarFlowError.invalidFile(path: package.url.path, problem: "the manifest has no vae entry")
         }
-        path = package.url.path
+        let path = package.url.path
+        self.path = path
         scalingFactor = vae.scalingFactor
-        model = try package.load(function: nil, computeUnits: computeUnits)
-        let declared = CoreMLPackage.interface(of: model)
-        guard let input = vae.input ?? (declared.inputs.count == 1 ? declared.inputs.keys.first : nil),
-              let output = vae.output ?? (declared.outputs.count == 1 ? declared.outputs.keys.first : nil) else {
-            throw StarFlowError.interfaceMismatch(path: path, problem: "the manifest names no decoder input/output and the package has \(declared.inputs.keys.sorted()) → \(declared.outputs.keys.sorted())")
+        loaded = ManagedResource(name: vae.package) {
+            let model = try package.load(function: nil, computeUnits: computeUnits)
+            let declared = CoreMLPackage.interface(of: model)
+            guard let input = vae.input ?? (declared.inputs.count == 1 ? declared.inputs.keys.first : nil),
+                  let output = vae.output ?? (declared.outputs.count == 1 ? declared.outputs.keys.first : nil) else {
+                throw StarFlowError.interfaceMismatch(path: path, problem: "the manifest names no decoder input/output and the package has \(declared.inputs.keys.sorted()) → \(declared.outputs.keys.sorted())")
+            }
+            try declared.check(against: manifest.decoderInterface(input: input, output: output), path: path, function: "main")
+            return Loaded(model: model, input: input, output: output)
         }
-        inputName = input
-        outputName = output
-        try declared.check(against: manifest.decoderInterface(input: input, output: output), path: path, function: "main")
     }
+
+    public func loadResources() throws { try loaded.loadResources() }
+    public func unloadResources() { loaded.unloadResources() }
 
     /// The image (1, 3, H, W) for a flow latent (1, C, h, w).
     public func decode(_ latent: Tensor) throws -> Tensor {
-        let scaled = Tensor(shape: latent.shape, values: latent.values.map { $0 / scalingFactor })
-        let array = try MLMultiArray.make(scaled, dataType: CoreMLPackage.dataType(of: model, input: inputName))
-        return try readOutput(outputName, of: predict(model, [inputName: array], state: nil, path: path), path: path)
+        try loaded.perform { loaded in
+            let scaled = Tensor(shape: latent.shape, values: latent.values.map { $0 / scalingFactor })
+            let array = try MLMultiArray.make(scaled, dataType: CoreMLPackage.dataType(of: loaded.model, input: loaded.input))
+            return try readOutput(loaded.output, of: predict(loaded.model, [loaded.input: array], state: nil, path: path), path: path)
+        }
     }
 }
 #endif

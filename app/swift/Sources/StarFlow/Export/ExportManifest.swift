@@ -6,7 +6,7 @@ import Foundation
 public struct ExportManifest: Decodable, Sendable, Equatable {
     public static let fileName = "manifest.json"
     public static let format = "mlx-starflow-coreml"
-    public static let formatVersion = 1
+    public static let formatVersion = 2
 
     public struct Model: Decodable, Sendable, Equatable {
         public let name: String?
@@ -83,6 +83,10 @@ public struct ExportManifest: Decodable, Sendable, Equatable {
             public let prefill: String?
             /// Chunk size (as a decimal string) → function name.
             public let step: [String: String]
+            /// The score step's functions (absent when the export has no score step): the block in the
+            /// likelihood direction over one image, and its vector-Jacobian product.
+            public let forward: String?
+            public let vjp: String?
         }
 
         public struct Inputs: Decodable, Sendable, Equatable {
@@ -168,19 +172,36 @@ public struct ExportManifest: Decodable, Sendable, Equatable {
         public var packageChain: [String] { packages ?? [package] }
     }
 
+    /// The score-step denoise, x − σ²·∇ₓ[D·nll(x)], run through every block's `forward` and
+    /// `vjp` functions (which share the block's weights): the names those functions use.
     public struct ScoreStep: Decodable, Sendable, Equatable {
         public struct Inputs: Decodable, Sendable, Equatable {
-            public let latent: String
+            public let tokens: String
+            public let hidden: String
+            public let cotangent: String
             public let text: String?
         }
 
-        public let package: String
-        public let inputs: Inputs
-        public let output: String
+        public struct Outputs: Decodable, Sendable, Equatable {
+            public let z: String
+            public let nextHidden: String
+            public let tokensCotangent: String
+            public let hiddenCotangent: String
+
+            enum CodingKeys: String, CodingKey {
+                case z
+                case nextHidden = "next_hidden"
+                case tokensCotangent = "tokens_cotangent"
+                case hiddenCotangent = "hidden_cotangent"
+            }
+        }
+
         public let noiseStd: Float
+        public let inputs: Inputs
+        public let outputs: Outputs
 
         enum CodingKeys: String, CodingKey {
-            case package, inputs, output
+            case inputs, outputs
             case noiseStd = "noise_std"
         }
     }

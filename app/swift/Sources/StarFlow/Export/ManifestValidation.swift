@@ -10,17 +10,25 @@ extension ExportManifest {
         if let textEncoder { files += textEncoder.packageChain }
         if let tokenizer = condition?.tokenizer { files.append(tokenizer) }
         if let vae { files.append(vae.package) }
-        if let scoreStep { files.append(scoreStep.package) }
         return files
     }
 
     func checkFiles(in folder: URL) throws {
-        for file in requiredFiles {
-            let path = folder.appendingPathComponent(file).path
-            guard FileManager.default.fileExists(atPath: path) else {
-                throw StarFlowError.fileNotFound(path: path, fix: "the manifest names it but the export folder lacks it; export the model again")
-            }
+        for file in requiredFiles where Self.modelURL(named: file, in: folder) == nil {
+            throw StarFlowError.fileNotFound(path: folder.appendingPathComponent(file).path,
+                                             fix: "the manifest names it but the export folder lacks it (as .mlpackage or .mlmodelc); export the model again")
         }
+    }
+
+    /// The file for a name the manifest gives. A model is named without regard to its
+    /// extension: `FlowBlock0.mlpackage` is found as `FlowBlock0.mlmodelc` (compiled, as an app
+    /// bundles it; preferred) or as `FlowBlock0.mlpackage`. Other files are taken as named.
+    public static func modelURL(named name: String, in folder: URL) -> URL? {
+        let named = folder.appendingPathComponent(name)
+        let candidates = ["mlpackage", "mlmodelc"].contains(named.pathExtension)
+            ? [named.deletingPathExtension().appendingPathExtension("mlmodelc"), named.deletingPathExtension().appendingPathExtension("mlpackage")]
+            : [named]
+        return candidates.first { FileManager.default.fileExists(atPath: $0.path) }
     }
 
     func validate(source: String) throws {
@@ -104,6 +112,11 @@ extension ExportManifest {
             if conditioned {
                 guard block.functions.prefill != nil, block.inputs.text != nil else {
                     throw fail("\(name): the deep block needs a prefill function and a text input")
+                }
+            }
+            if scoreStep != nil {
+                guard block.functions.forward != nil, block.functions.vjp != nil else {
+                    throw fail("\(name): the score step needs forward and vjp functions in every block; export again, or with --no-score-step")
                 }
             }
         }

@@ -85,12 +85,31 @@ extension ExportManifest {
         return ModelInterface(inputs: [input.0: input.1, encoder.inputs.attentionMask: [nil, length]], outputs: [output.0: output.1])
     }
 
-    public func scoreStepInterface() -> ModelInterface? {
+    /// The score step's `forward` of package `part` of `block`, one image: tokens in the block's
+    /// order (first and last package), the conditional text (first package of the deep block),
+    /// the previous package's hidden state (all but the first) → `z`, or the next hidden state.
+    public func forwardInterface(of block: Block, part: Int = 0) -> ModelInterface? {
         guard let score = scoreStep else { return nil }
-        let latentShape: [Int?] = [1, latent.channels, latent.height, latent.width]
-        var inputs = [score.inputs.latent: latentShape]
-        if let text = score.inputs.text, let condition { inputs[text] = [1, condition.length, condition.dim] }
-        return ModelInterface(inputs: inputs, outputs: [score.output: latentShape])
+        let (first, last) = (part == 0, part == block.packageChain.count - 1)
+        let tokens: [Int?] = [1, block.tokens, block.tokenChannels]
+        let hidden: [Int?] = [1, block.textLength + block.tokens, nil]
+        var inputs: [String: [Int?]] = [:]
+        if first || last { inputs[score.inputs.tokens] = tokens }
+        if first, block.hasText, let text = score.inputs.text, let condition { inputs[text] = [1, condition.length, condition.dim] }
+        if !first { inputs[score.inputs.hidden] = hidden }
+        return ModelInterface(inputs: inputs, outputs: last ? [score.outputs.z: tokens] : [score.outputs.nextHidden: hidden])
+    }
+
+    /// The score step's `vjp` of package `part`: the forward's inputs and the cotangent of its
+    /// output → the cotangent of its tokens (first and last package) and of its hidden input.
+    public func vjpInterface(of block: Block, part: Int = 0) -> ModelInterface? {
+        guard let score = scoreStep, let forward = forwardInterface(of: block, part: part) else { return nil }
+        var inputs = forward.inputs
+        inputs[score.inputs.cotangent] = forward.outputs.values.first
+        var outputs: [String: [Int?]] = [:]
+        if let tokens = forward.inputs[score.inputs.tokens] { outputs[score.outputs.tokensCotangent] = tokens }
+        if let hidden = forward.inputs[score.inputs.hidden] { outputs[score.outputs.hiddenCotangent] = hidden }
+        return ModelInterface(inputs: inputs, outputs: outputs)
     }
 
     /// The VAE decoder: the flow latent divided by the scaling factor → the image.

@@ -29,6 +29,13 @@ public struct FlowSampler {
     /// Samples `noise` (B, C, H, W) under `condition` (rows, T, D) — text states or one-hot labels.
     public func sample(noise: Tensor, condition: Tensor?, configuration: SamplingConfiguration = SamplingConfiguration(),
                        progress: ((SampleProgress) -> Bool)? = nil) throws -> SampleResult {
+        try sample(noise: noise, condition: condition, configuration: configuration, progress: progress, blockDone: nil)
+    }
+
+    /// `sample`, calling `blockDone` with each block's trace as soon as the block is inverted
+    /// (the pipeline unloads the block there in reduce-memory mode, and decodes its preview).
+    func sample(noise: Tensor, condition: Tensor?, configuration: SamplingConfiguration, progress: ((SampleProgress) -> Bool)?,
+                blockDone: ((BlockTrace) throws -> Void)?) throws -> SampleResult {
         let layout = try self.layout(of: noise)
         try check(configuration)
         let batch = noise.shape[0]
@@ -47,11 +54,10 @@ public struct FlowSampler {
             run.enter(block: index, stage: stage)
             let inversion = BlockInversion(block: block, rows: rows, prefix: text?.shape[1] ?? 0,
                                            guidance: text != nil && guided ? configuration.guidance : nil, useSoftplus: useSoftplus)
-            let (x, chunks) = configuration.jacobi
-                ? try inversion.jacobi(z, configuration: configuration, run: &run)
-                : (try inversion.sequential(z, run: &run), [])
+            let (x, chunks) = try inversion.invert(z, method: configuration.method, run: &run)
             tokens = layout.ordered(Array(x[0..<(batch * layout.tokenCount * layout.tokenChannels)]), rows: batch, flipped: block.flipped)
             traces.append(BlockTrace(block: index, output: layout.latent(from: tokens, batch: batch), jacobiChunks: chunks))
+            try blockDone?(traces[traces.count - 1])
         }
         return SampleResult(sample: layout.latent(from: tokens, batch: batch), blocks: traces)
     }
@@ -84,13 +90,11 @@ public struct FlowSampler {
         guard configuration.guidance >= 0 else {
             throw StarFlowError.invalidArgument("guidance must not be negative, got \(configuration.guidance)")
         }
-        guard configuration.jacobi else { return }
-        guard configuration.jacobiBlockSize >= 1, configuration.jacobiMaxIter >= 1 else {
-            throw StarFlowError.invalidArgument("jacobiBlockSize and jacobiMaxIter must be at least 1")
-        }
+        try configuration.method.validate()
+        guard case let .jacobi(blockSize, _, _, _) = configuration.method else { return }
         let largest = blocks.map(\.maxChunkSize).min() ?? 0
-        guard configuration.jacobiBlockSize <= largest else {
-            throw StarFlowError.invalidArgument("jacobiBlockSize \(configuration.jacobiBlockSize) exceeds the largest chunk the blocks run (\(largest)); export a larger step function or lower it")
+        guard blockSize <= largest else {
+            throw StarFlowError.invalidArgument("the Jacobi blockSize \(blockSize) exceeds the largest chunk the blocks run (\(largest)); export a larger step function or lower it")
         }
     }
 

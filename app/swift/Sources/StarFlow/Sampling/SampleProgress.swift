@@ -11,4 +11,7 @@ public struct SampleProgress: Sendable {
     public let passes: Int
     /// Seconds since sampling started.
     public let elapsed: Double
+    /// The decoded image after the deep block, in the one extra report sent when a generation
+    /// asks for a preview (`GenerationConfiguration.preview`); nil otherwise.
+    public internal(set) var preview: RGBImage? = nil
 }

@@ -1,0 +1,228 @@
+"""Full-width sampling steps of the real 3B layout, against the machine's read-bandwidth ceiling.
+
+The deep block (width 3072, head dim 64, 128×2048 text prefix, a 1152-position cache, 2
+guidance rows) and one shallow block are built layer by layer with random weights, each layer
+cast or quantised as soon as it is drawn, so memory holds one variant's layers at a time. A
+step's time does not depend on the weights' or the cache's values, so neither is trained nor
+prefilled. Slow variants run a stated subset of the layers; their step time is scaled up by
+the layer count (every layer does the same work) and the table says so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_starflow.config import FlowConfig
+from mlx_starflow.flow_block import FlowBlock
+from mlx_starflow.block_runner import MLXBlockRunner
+from mlx_starflow.quantization import GROUP_SIZE
+from mlx_starflow.rope import rope_tables
+from mlx_starflow.token_layout import TokenLayout
+
+from .models import REAL_LAYERS, scaled_config
+
+REAL_WIDTH = 3072
+GUIDANCE_ROWS = 2
+JACOBI_BLOCK = 16
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    dtype: mx.Dtype
+    bits: int | None = None
+
+
+VARIANTS = (
+    Variant("float32", mx.float32),
+    Variant("float16", mx.float16),
+    Variant("bfloat16", mx.bfloat16),
+    Variant("8-bit (float32 rest)", mx.float32, 8),
+    Variant("4-bit (float32 rest)", mx.float32, 4),
+)
+"""Quantised variants keep float32 for the rest (and so compute in float32): on MLX's CPU
+backend a quantised layer computing in float16 took ≈ 33 s per token step against ≈ 0.9 s in
+float32 (one full-width layer, measured here), too slow for the default bench."""
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """One block variant: ms per step at the block's full layer count (scaled from `layers_run`)."""
+
+    variant: str
+    block: str
+    layers: int
+    layers_run: int
+    weight_bytes: int
+    step_ms: float
+    eager_ms: float
+    pass_ms: float
+    eager_pass_ms: float
+
+    @property
+    def gbps(self) -> float:
+        return self.weight_bytes / (self.step_ms / 1e3) / 1e9
+
+    @property
+    def pass_per_token_ratio(self) -> float:
+        """ms per token of a 16-token Jacobi pass ÷ ms of a one-token step (1/16 would be free)."""
+        return self.pass_ms / JACOBI_BLOCK / self.step_ms
+
+    def record(self, ceiling_gbps: float) -> dict:
+        return {"ms": self.step_ms, "eager_ms": self.eager_ms, "pass_ms": self.pass_ms,
+                "eager_pass_ms": self.eager_pass_ms, "weight_bytes": self.weight_bytes, "gbps": self.gbps,
+                "fraction_of_ceiling": self.gbps / ceiling_gbps, "layers": self.layers, "layers_run": self.layers_run,
+                "pass_per_token_ratio": self.pass_per_token_ratio}
+
+
+def real_config(width: int = REAL_WIDTH) -> FlowConfig:
+    return scaled_config(width)
+
+
+def _linear_bytes(module: nn.Module) -> int:
+    return sum(v.nbytes for _, v in nn.utils.tree_flatten(module.parameters()))
+
+
+def build_block(config: FlowConfig, layers: int, text: bool, variant: Variant, seed: int = 0) -> FlowBlock:
+    """A block of `layers` layers with random weights of the variant's dtype / quantisation.
+
+    Each layer is drawn, cast and quantised before the next, so the float32 draw of only one
+    layer is ever held. Weights are N(0, 1/fan_in), norms unit, biases small.
+    """
+    block = FlowBlock(config, layers, flipped=False, txt_dim=config.txt_dim if text else 0)
+    key = mx.random.key(seed)
+
+    def draw(module: nn.Module) -> None:
+        nonlocal key
+        params = []
+        for name, value in nn.utils.tree_flatten(module.parameters()):
+            key, sub = mx.random.split(key)
+            if name.endswith("weight") and value.ndim == 2:
+                drawn = mx.random.normal(value.shape, key=sub) * value.shape[1] ** -0.5
+            elif name.endswith("weight"):
+                drawn = mx.ones(value.shape)
+            else:
+                drawn = 0.01 * mx.random.normal(value.shape, key=sub)
+            params.append((name, drawn.astype(variant.dtype)))
+        module.update(nn.utils.tree_unflatten(params))
+        mx.eval(module.parameters())
+
+    for layer in block.layers:
+        draw(layer)
+        if variant.bits:
+            nn.quantize(layer, group_size=GROUP_SIZE, bits=variant.bits)
+            mx.eval(layer.parameters())
+    for name in ("proj_in", "proj_txt", "final_norm", "proj_out"):
+        if name in block:
+            draw(block[name])
+    block.sos = mx.zeros(block.sos.shape, variant.dtype)
+    mx.eval(block.sos)
+    return block
+
+
+def layer_bytes(block: FlowBlock) -> int:
+    """Bytes of one transformer layer's parameters (what one step reads per layer)."""
+    return _linear_bytes(block.layers[0])
+
+
+def head_bytes(block: FlowBlock) -> int:
+    """Bytes a step reads outside the layers (input/output projections, final norm); the text
+    projection runs only in the prefill and is not counted."""
+    return sum(_linear_bytes(block[name]) for name in ("proj_in", "final_norm", "proj_out") if name in block)
+
+
+def runner(block: FlowBlock, config: FlowConfig, prefix: int, compiled: bool,
+           cache_length: int | None = None) -> MLXBlockRunner:
+    """The block's runner as the samplers drive it, over a 32×32 latent (1024 tokens); the cache
+    holds `cache_length` positions (default: the whole prefix and image)."""
+    side = config.latent_size
+    layout = TokenLayout(config.token_channels, side, side, 1)
+    cos, sin = rope_tables(layout, prefix, config.pt_seq_len, config.head_dim, config.rope_theta, config.txt_size > 0)
+    tokens = (cache_length or prefix + side * side) - prefix
+    return MLXBlockRunner(block, cos, sin, prefix, tokens, compiled)
+
+
+def time_step(block: FlowBlock, config: FlowConfig, prefix: int, tokens: int, compiled: bool, repeats: int,
+              rows: int = GUIDANCE_ROWS, cache_length: int | None = None) -> float:
+    """Best seconds of one cached step of `tokens` tokens in the middle of the image (after one
+    warm-up that also compiles); the cache is allocated but not prefilled."""
+    run = runner(block, config, prefix, compiled, cache_length)
+    run.start(rows, None)
+    mx.eval(run.pending)
+    inputs = mx.zeros((rows, tokens, config.token_channels))
+    index = min(config.latent_size**2 // 2, run.token_count - tokens)
+    best = float("inf")
+    for repeat in range(repeats + 1):
+        start = time.perf_counter()
+        a, b = run.step(inputs, index)
+        mx.eval(a, b, *run.pending)
+        if repeat:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(config: FlowConfig, variant: Variant, deep: bool, layers_run: int, repeats: int) -> StepTiming:
+    """Compiled and eager ms of a one-token step and a 16-token pass (2 guidance rows for the
+    deep block, 1 row for a shallow one), best of `repeats` (eager and passes: best of 1 less)."""
+    layers = REAL_LAYERS[-1] if deep else REAL_LAYERS[0]
+    layers_run = min(layers_run, layers)
+    block = build_block(config, layers_run, deep, variant)
+    prefix = config.txt_size if deep else 0
+    scale = layers / layers_run
+    times = {}
+    rows = GUIDANCE_ROWS if deep else 1
+    for tokens in (1, JACOBI_BLOCK):
+        for compiled in (True, False):
+            count = repeats if tokens == 1 and compiled else max(1, repeats - 1)
+            seconds = time_step(block, config, prefix, tokens, compiled, count, rows)
+            times[tokens, compiled] = seconds * scale * 1e3
+    weight_bytes = layers * layer_bytes(block) + head_bytes(block)
+    del block
+    mx.clear_cache()
+    return StepTiming(variant.name, "deep" if deep else "shallow", layers, layers_run, weight_bytes,
+                      times[1, True], times[1, False], times[JACOBI_BLOCK, True], times[JACOBI_BLOCK, False])
+
+
+SHALLOW_VARIANTS = ("float32", "bfloat16")
+
+
+def run(ceiling_gbps: float, width: int = REAL_WIDTH, layers_run: int = 2, quantized_layers_run: int = 1,
+        repeats: int = 3) -> tuple[str, dict]:
+    """The deep block per variant and the shallow block for `SHALLOW_VARIANTS`: a Markdown table
+    and the `deep_step` / `shallow_step` records of bench.json."""
+    config = real_config(width)
+    deep, shallow = [], []
+    for variant in VARIANTS:
+        run_layers = quantized_layers_run if variant.bits else layers_run
+        deep.append(measure(config, variant, True, run_layers, repeats))
+        if variant.name in SHALLOW_VARIANTS:
+            shallow.append(measure(config, variant, False, run_layers, repeats))
+    best = max(deep, key=lambda t: t.gbps)
+    lines = [
+        f"### Full-width steps: deep block (24 layers, width {width}, text 128×2048, 1152-position cache, "
+        f"2 guidance rows) and a shallow block (2 layers, 1 row)",
+        "",
+        f"Random weights; the layers run are stated and the time is scaled to the block's layers. "
+        f"Read-bandwidth ceiling of this machine, same run: {ceiling_gbps:.1f} GB/s.",
+        "",
+        "| block | weights | layers run | MB read per step | compiled ms/step | eager ms/step | GB/s | of ceiling "
+        "| ms per 16-token pass (compiled / eager) | pass ms per token ÷ step ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for timing in [*deep, *shallow]:
+        lines.append(
+            f"| {timing.block} | {timing.variant} | {timing.layers_run} of {timing.layers} | {timing.weight_bytes / 1e6:,.0f} "
+            f"| {timing.step_ms:,.0f} | {timing.eager_ms:,.0f} | {timing.gbps:.2f} | {timing.gbps / ceiling_gbps:.0%} "
+            f"| {timing.pass_ms:,.0f} / {timing.eager_pass_ms:,.0f} | {timing.pass_per_token_ratio:.2f} |")
+    lines += ["", f"Best deep variant here: **{best.variant}**, {best.gbps / ceiling_gbps:.0%} of the ceiling."]
+    record = {
+        "deep_step": {t.variant: t.record(ceiling_gbps) for t in deep},
+        "shallow_step": {t.variant: t.record(ceiling_gbps) for t in shallow},
+        "best_deep_variant": best.variant,
+        "jacobi_pass_ms_per_token_ratio": best.pass_per_token_ratio,
+    }
+    return "\n".join(lines), record

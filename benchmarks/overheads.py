@@ -1,0 +1,125 @@
+"""Where a step's time goes besides reading weights: attention over the cache, KV-cache writes,
+host overhead per pass, and the guidance/sampling arithmetic.
+
+Each figure is measured on its own and set beside the full-width float32 deep step, so the
+table says what share of a step each part could at most account for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import mlx.core as mx
+
+from mlx_starflow.samplers import gaussian
+
+from .full_width import GUIDANCE_ROWS, JACOBI_BLOCK, Variant, build_block, real_config, runner, time_step
+from .models import REAL_LAYERS, scaled_config
+
+TINY_WIDTH = 64
+
+
+def _best_ms(run: Callable[[], None], repeats: int) -> float:
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def attention_cache(width: int, layers_run: int, repeats: int) -> dict:
+    """Compiled float32 deep step with the whole 1152-position cache vs only the part filled on
+    average over an image (text + half the tokens, 640 positions), scaled to 24 layers."""
+    config = real_config(width)
+    prefix = config.txt_size
+    filled = prefix + config.latent_size**2 // 2 + 1
+    block = build_block(config, layers_run, True, Variant("float32", mx.float32))
+    scale = REAL_LAYERS[-1] / layers_run
+    full = time_step(block, config, prefix, 1, True, repeats) * scale * 1e3
+    part = time_step(block, config, prefix, 1, True, repeats, cache_length=filled) * scale * 1e3
+    heads = config.channels // config.head_dim
+    cache_bytes = 2 * REAL_LAYERS[-1] * GUIDANCE_ROWS * heads * config.head_dim * 4
+    return {"full_cache_ms": full, "filled_cache_ms": part, "full_cache_positions": prefix + config.latent_size**2,
+            "filled_cache_positions": filled, "full_cache_mb": cache_bytes * (prefix + config.latent_size**2) / 1e6,
+            "filled_cache_mb": cache_bytes * filled / 1e6}
+
+
+def kv_writes(width: int, repeats: int) -> dict:
+    """ms to write one token's keys and values into every layer's float32 cache (24 layers, 2 rows)."""
+    config = real_config(width)
+    heads, length = config.channels // config.head_dim, config.txt_size + config.latent_size**2
+    layers = REAL_LAYERS[-1]
+    buffers = [mx.zeros((GUIDANCE_ROWS, heads, length, config.head_dim)) for _ in range(2 * layers)]
+    new = mx.ones((GUIDANCE_ROWS, heads, 1, config.head_dim))
+    position = mx.array([config.txt_size + 7], dtype=mx.int32)
+    mx.eval(buffers, new)
+
+    def write() -> None:
+        for index in range(len(buffers)):
+            buffers[index] = mx.slice_update(buffers[index], new, position, axes=(2,))
+        mx.eval(buffers)
+
+    return {"kv_write_ms": _best_ms(write, repeats)}
+
+
+def host_per_pass(repeats: int) -> dict:
+    """ms of one compiled pass on a tiny block (width 64, 1 layer, 16 tokens, 2 rows), with the
+    sampler's host sync (`tolist`): nearly all of it is per-pass overhead, not arithmetic."""
+    config = scaled_config(TINY_WIDTH)
+    block = build_block(config, 1, False, Variant("float32", mx.float32))
+
+    run = runner(block, config, 0, True)
+    run.start(GUIDANCE_ROWS, None)
+    inputs = mx.zeros((GUIDANCE_ROWS, JACOBI_BLOCK, config.token_channels))
+
+    def one_pass() -> None:
+        a, b = run.step(inputs, 100)
+        change = mx.mean(mx.square(b), axis=(1, 2))
+        mx.eval(a, change, *run.pending)
+        change.tolist()
+
+    def one_token() -> None:
+        a, b = run.step(inputs[:, :1], 100)
+        mx.eval(a, b, *run.pending)
+
+    return {"tiny_pass_ms": _best_ms(one_pass, repeats * 10), "tiny_token_step_ms": _best_ms(one_token, repeats * 10)}
+
+
+def sampling_arithmetic(repeats: int, guidance: float = 3.6) -> dict:
+    """ms of the per-pass guidance and colouring (eager, 16 tokens, 2 guidance rows, 4 channels)."""
+    shape = (GUIDANCE_ROWS, JACOBI_BLOCK, 4)
+    a, b, z = mx.random.normal(shape), mx.random.normal(shape), mx.random.normal(shape)
+    mx.eval(a, b, z)
+
+    def arithmetic() -> None:
+        mu, sigma = gaussian(a, b, guidance, True)
+        mx.eval(z * sigma + mu)
+
+    return {"guidance_colour_ms": _best_ms(arithmetic, repeats * 10)}
+
+
+def run(width: int, layers_run: int = 1, repeats: int = 3, step_ms: float | None = None) -> tuple[str, dict]:
+    record = {**attention_cache(width, layers_run, repeats), **kv_writes(width, repeats),
+              **host_per_pass(repeats), **sampling_arithmetic(repeats)}
+    step = step_ms or record["full_cache_ms"]
+    saved = record["full_cache_ms"] - record["filled_cache_ms"]
+    lines = [
+        f"### Where a float32 deep step's time goes besides the weights (width {width}; {layers_run} of 24 layers run, scaled)",
+        "",
+        "| part | ms | share of a compiled deep step |",
+        "|---|---|---|",
+        f"| attention over the whole cache ({record['full_cache_positions']} positions, {record['full_cache_mb']:,.0f} MB) "
+        f"vs the filled part on average ({record['filled_cache_positions']}, {record['filled_cache_mb']:,.0f} MB): saving "
+        f"| {saved:,.0f} | {saved / step:.1%} |",
+        f"| KV-cache writes, 24 layers | {record['kv_write_ms']:.2f} | {record['kv_write_ms'] / step:.2%} |",
+        f"| host overhead per Jacobi pass (tiny block, with the host sync) | {record['tiny_pass_ms']:.2f} "
+        f"| {record['tiny_pass_ms'] / step:.2%} |",
+        f"| host overhead per one-token step (tiny block) | {record['tiny_token_step_ms']:.2f} "
+        f"| {record['tiny_token_step_ms'] / step:.2%} |",
+        f"| guidance and sampling arithmetic per pass (eager) | {record['guidance_colour_ms']:.2f} "
+        f"| {record['guidance_colour_ms'] / step:.2%} |",
+    ]
+    return "\n".join(lines), {"overheads": record}
