@@ -24,6 +24,8 @@ DECODER      ?=
 COREML_MODEL ?= weights/demo
 COREML_OUT   ?= weights/coreml/$(notdir $(COREML_MODEL))
 COREML_FLAGS ?=
+# e.g. --units CPU_ONLY CPU_AND_GPU --export build/coreml-check (see scripts/coreml_check.py --help)
+COREML_CHECK_FLAGS ?=
 # demo model training (Linux development may set BLAS_PRELOAD to a fast BLAS, see README)
 DEMO_DATA    ?= build/demo-data
 DEMO_RUN     ?= build/demo-run
@@ -67,7 +69,7 @@ demo-model: $(BASE)
 		--steps 3000 --batch-size 32 --lr 1e-3 --min-lr 1e-5 --warmup-steps 200 --grad-clip 1.0 --seed 0 \
 		--heldout 0.05 --checkpoint-every 500 --sample-every 500
 	rm -rf weights/demo
-	cp -R $(DEMO_RUN)/model weights/demo
+	cp -RL $(DEMO_RUN)/model weights/demo
 
 convert: $(BASE)
 	$(STARFLOW) convert $(CKPT) --config $(CONFIG) --out $(OUT) --dtype $(DTYPE) \
@@ -86,7 +88,7 @@ coreml: $(DEV)
 	$(STARFLOW) export-coreml $(COREML_MODEL) --out $(COREML_OUT) $(COREML_FLAGS)
 
 coreml-check: $(DEV)
-	$(PY) scripts/coreml_check.py
+	$(PY) scripts/coreml_check.py $(COREML_CHECK_FLAGS)
 
 bench: $(DEV)
 	@test -z "$(BLAS_PRELOAD)" -o -f "$(BLAS_PRELOAD)" || { echo "make bench: $(BLAS_PRELOAD) is missing; install it with: apt-get install libopenblas0-pthread (or set BLAS_PRELOAD to your BLAS library)" >&2; exit 2; }

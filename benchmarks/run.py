@@ -19,7 +19,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import batch_throughput, ceiling, converter_memory, flow_speed, full_width, jacobi_trained, overheads, precision
+from . import (batch_throughput, ceiling, converter_memory, flow_speed, full_width, jacobi_trained, overheads,
+               precision, projection)
 
 SECTIONS = ("deep", "overheads", "jacobi", "batch", "sampling", "memory", "precision")
 """deep: full-width steps vs the ceiling; overheads: where else a step's time goes; jacobi: the
@@ -53,6 +54,21 @@ def write_json(path: Path, record: dict, partial: bool) -> None:
     previous = json.loads(path.read_text()) if partial and path.is_file() else {}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**previous, **record}, indent=1) + "\n")
+
+
+def project(path: Path) -> None:
+    """The Mac projection from the best deep variant's fraction of ceiling and the recommended
+    Jacobi setting's weighted-pass ratio, once bench.json holds both (from this run or earlier)."""
+    figures = json.loads(path.read_text()) if path.is_file() else {}
+    best, jacobi = figures.get("best_deep_variant"), figures.get("jacobi_trained_best")
+    if not (best and jacobi):
+        return
+    fraction = figures["deep_step"][best]["fraction_of_ceiling"]
+    ratio = figures["jacobi_trained"][jacobi]["weighted_pass_ratio"]
+    table, record = projection.run(fraction, ratio, f"{best} deep step, {figures['backend']} here",
+                                   f"{jacobi}, demo model")
+    print(table, end="\n\n", flush=True)
+    write_json(path, record, partial=True)
 
 
 def main() -> None:
@@ -102,6 +118,7 @@ def main() -> None:
             record.update(figures)
             print(table, end="\n\n", flush=True)
             write_json(args.json, record, partial=args.only is not None)
+    project(args.json)
     print(f"Figures written to {args.json}.")
 
 

@@ -14,7 +14,7 @@ import mlx.core as mx
 
 from .config import LabelConfig
 from .errors import StarFlowError
-from .model_io import read_manifest
+from .model_io import read_manifest, verify_changed
 
 
 class UnknownLabel(StarFlowError):
@@ -54,5 +54,6 @@ class LabelEncoder:
 
 
 def load_label_encoder(folder: str | Path) -> LabelEncoder:
-    read_manifest(folder)
+    """Load a converted labels folder, its files checked against the manifest's sha256 when changed."""
+    verify_changed(folder, read_manifest(folder))
     return LabelEncoder(LabelConfig.load(folder))

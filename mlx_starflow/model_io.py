@@ -201,6 +201,10 @@ def read_manifest(folder: str | Path, verify_hashes: bool = False) -> dict:
     if not isinstance(files, dict) or not all(isinstance(i, dict) and "bytes" in i and "sha256" in i for i in files.values()):
         raise ConfigError(f"{path} is malformed (its files list); convert the model again")
     for name, info in files.items():
+        parts = Path(name).parts
+        # a listed file must lie inside the folder and be a name the OS accepts (else stat raises)
+        if not parts or Path(name).is_absolute() or ".." in parts or "\0" in name or any(len(p.encode()) > 255 for p in parts):
+            raise ConfigError(f"{path} is malformed (it lists {name[:60]!r}, not a file inside the folder); convert the model again")
         file = folder / name
         if not file.is_file():
             raise ConfigError(f"{folder} is incomplete: {name} is missing; convert it again")

@@ -7,8 +7,9 @@ probability `drop_label`, which trains the unconditional branch guidance needs. 
 0.9/0.95, weight decay 1e-4, bias-corrected like PyTorch's), warm-up then cosine decay to
 `min_lr` with the official `CosineLRSchedule` semantics, and global-norm gradient clipping.
 
-A run folder holds `model/` (the latest checkpoint: a loadable model folder), `optimizer/` (the
-optimizer state and the run's settings, for resuming) and `samples/` (sample grids). Every random
+A run folder (`run_folder.py`) holds `model/` (the latest checkpoint: a loadable model folder),
+`optimizer/` (the optimizer state and the run's settings, for resuming), both committed together
+as one checkpoint, and `samples/` (sample grids). Every random
 draw (batch order, noise, condition dropout, VAE posterior samples) is a pure function of the
 seed and the step, so a resumed run repeats exactly what the uninterrupted run would have done.
 """
@@ -226,7 +227,8 @@ def fine_tune_base(parts: ModelParts) -> BaseModel:
     if config.dtype != "float32":
         flow.update(tree_map(lambda p: p.astype(mx.float32), flow.parameters()))
         flow.config = dataclasses.replace(config, dtype="float32")
-    source = {"parent": str(path.resolve()), "parent_manifest_sha256": sha256_file(path / MANIFEST_FILE),
+    # absolute, not resolved: a run's RUN/model links to a checkpoint that later ones replace
+    source = {"parent": str(path.absolute()), "parent_manifest_sha256": sha256_file(path / MANIFEST_FILE),
               "parent_sources": parts.folder.manifest.get("sources", [])}
     return BaseModel(flow, parts.condition, parts.vae, path, source)
 

@@ -183,6 +183,30 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def state_sharing(export: Path, manifest: dict, unit: str) -> str:
+    """Whether this device runs one Core ML state shared by a block's functions (what the Swift
+    package tries first): a state made by `step_1`, used by the deep block's `prefill` (or the
+    largest step). Refused means the Swift package needs an export made with --state-fallback."""
+    from mlx_starflow.convert.coreml.coremltools_api import ct
+
+    block = manifest["flow"]["blocks"][-1]
+    package = str(export / block["packages"][0])
+    steps = block["functions"]["step"]
+    owner = ct.models.MLModel(package, compute_units=getattr(ct.ComputeUnit, unit), function_name=steps[min(steps, key=int)])
+    other_name = block["functions"].get("prefill") or steps[max(steps, key=int)]
+    other = ct.models.MLModel(package, compute_units=getattr(ct.ComputeUnit, unit), function_name=other_name)
+    inputs = {}
+    for feature in other.get_spec().description.input:
+        shape = tuple(feature.type.multiArrayType.shape)
+        inputs[feature.name] = np.zeros(shape, np.int32 if feature.name == block["inputs"]["position"] else np.float32)
+    try:
+        other.predict(inputs, state=owner.make_state())
+    except Exception as error:  # noqa: BLE001 - any refusal is the answer being reported
+        fallback = "the export has the --state-fallback twins" if "cache_io" in block else "export with --state-fallback"
+        return f"{unit}: shared state refused ({type(error).__name__}: {error}); {fallback}"
+    return f"{unit}: shared state across {block['packages'][0]} functions works"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="Converted model folder (default: tiny fixture model, else weights/demo).")
@@ -208,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         for unit in args.units:
             rows += run_stages(check, CoreMLBackend(check.export, unit), unit)
             print(format_table([r for r in rows if r.unit == unit]), flush=True)
+            print(state_sharing(check.export, check.manifest, unit), flush=True)
     over = [r for r in rows if r.budget is not None and r.vs_mlx > r.budget]
     print(f"\n{len(over)} of {len(rows)} results over the float16 budget" if over else f"\nall {len(rows)} results within budget")
     return 1 if over else 0

@@ -77,7 +77,7 @@ def folder_bytes(folder: Path) -> int:
 
 
 def measured(command: list[str], env: dict[str, str], log_file: Path, timeout: float | None) -> dict:
-    """Run one measured process; its wall time, exit status and the children's peak RSS."""
+    """Run one measured process (it appends its own stage records); its wall time and exit status."""
     started = time.perf_counter()
     with log_file.open("a") as log:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,19 @@ def test_a_text_model_without_its_text_encoder(fixtures_dir: Path, tmp_path: Pat
 def test_an_unsupported_option(label_model: Path, tmp_path: Path, capsys, option: str, value: str, message: str) -> None:
     out = tmp_path / "export"
     refused(capsys, ["export-coreml", str(label_model), "--out", str(out), option, value], message, out)
+
+
+def test_split_einsum_needs_an_explicit_no_score_step(label_model: Path, tmp_path: Path, capsys) -> None:
+    """Its 1×1-convolution layout has no vjp rules: never a silent drop of the denoise."""
+    out = tmp_path / "export"
+    refused(capsys, ["export-coreml", str(label_model), "--out", str(out), "--attention", "split-einsum"],
+            "--attention split-einsum cannot carry the score-step gradient", out)
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="the Core ML compiler exists on macOS")
+def test_compile_says_it_needs_macos(label_model: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "export"
+    refused(capsys, ["export-coreml", str(label_model), "--out", str(out), "--compile"], "--compile needs the Core ML compiler, which only macOS has", out)
 
 
 def test_an_existing_output_is_refused_unless_forced(label_model: Path, tmp_path: Path, capsys) -> None:

@@ -26,7 +26,7 @@ from mlx_starflow.convert.coreml import mil_eval
 from mlx_starflow.convert.coreml.backends import EvaluatorBackend
 from mlx_starflow.convert.coreml.builder import Ops, build_program, tensor_spec
 from mlx_starflow.convert.coreml.compress import WeightCompression
-from mlx_starflow.convert.coreml.coremltools_api import load_program, mb
+from mlx_starflow.convert.coreml.coremltools_api import load_program, mb, types
 from mlx_starflow.convert.coreml.export import export_coreml
 from mlx_starflow.convert.coreml.flow import BlockPlan, block_programs, cache_names, step_name, updated_name
 from mlx_starflow.convert.coreml.flow_graph import block_arrays
@@ -45,6 +45,11 @@ COMPRESSED_STEP_BUDGET = {"int8": 2e-2, "int4": 2e-1}
 """Max |Δ| of a compressed float16 block's step outputs against float32 MLX. Measured: float16
 alone 4.9e-4, int8 3.8e-3, int4 6.4e-2 (int8 keeps 8 bits per weight with a scale per output
 channel, int4 4 bits with a scale per block of 32), about 3-5× below each budget."""
+COMPRESSED_VJP_BUDGET = {"int8": 0.25, "int4": 2.0}
+"""Max |Δ| of a compressed float16 block's score-step `vjp` against the same function in float32,
+on unit-normal tokens and cotangent (outputs up to 5.3). Measured: float16 alone 5.3e-3, int8
+0.107, int4 0.95: the gradient multiplies the weights' rounding twice (forward and backward),
+so int4 (18% of the largest output) is a coarse score step on this tiny model."""
 VAE_FLOAT16_BUDGET = 1e-2
 """As in test_coreml_export.py: measured 5.2e-3 against the official decode; GroupNorm eps (0.016) still shows."""
 
@@ -72,10 +77,10 @@ def deep_plan(chunks: tuple[int, ...] = (1, 4)) -> BlockPlan:
     return BlockPlan(5, False, True, 2, (8, 8), 16, chunks, ((0, 1),))
 
 
-def run_steps(program, flow, plan: BlockPlan, mode: str, text: np.ndarray, calls) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Prefill, then (tokens, position) calls, on a saved deep-block package."""
-    prefill = program.functions["prefill"]
-    caches = {name: np.zeros(var.shape, np.float16 if mode == "state" else np.float32)
+def run_steps(program, flow, plan: BlockPlan, mode: str, text: np.ndarray, calls, suffix: str = "") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Prefill, then (tokens, position) calls, on a saved deep-block package (functions named with `suffix`)."""
+    prefill = program.functions["prefill" + suffix]
+    caches = {name: np.zeros(var.shape, np.float16 if mode == "state" else mil_eval.DTYPES[types.builtin_to_string(var.dtype)])
               for name, var in prefill.inputs.items() if name.startswith(("key_", "value_"))}
 
     def call(function: str, inputs: dict) -> dict:
@@ -86,10 +91,10 @@ def run_steps(program, flow, plan: BlockPlan, mode: str, text: np.ndarray, calls
             caches[name] = out[updated_name(name)]
         return out
 
-    call("prefill", {"text": text})
+    call("prefill" + suffix, {"text": text})
     results = []
     for tokens, position in calls:
-        out = call(step_name(tokens.shape[1]), {"tokens": tokens, "position": np.array([position], np.int32)})
+        out = call(step_name(tokens.shape[1]) + suffix, {"tokens": tokens, "position": np.array([position], np.int32)})
         results.append((out["scale_logit"], out["shift"]))
     return results
 
@@ -116,7 +121,8 @@ LINEARS = ("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight")
 @pytest.fixture(scope="module")
 def plain_shallow(flow, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("plain") / "plain.mlpackage"
-    save_package(block_programs(flow.config, block_arrays(flow, 0), SHALLOW, 0, "original", "float16"), path, info("float16"))
+    save_package(block_programs(flow.config, block_arrays(flow, 0), replace(SHALLOW, score=True), 0, "original", "float16"), path,
+                 info("float16"))
     return path
 
 
@@ -161,6 +167,29 @@ def test_compression_shrinks_the_linear_weights(flow, plain_shallow: Path, tmp_p
         return out["scale_logit"], out["shift"]
 
     assert shallow_steps(flow, step) < COMPRESSED_STEP_BUDGET[compression]
+    exact = tmp_path / "exact.mlpackage"
+    save_package(block_programs(flow.config, arrays, replace(SHALLOW, score=True), 0, "original", "float32"), exact, info("float32"))
+    rng = np.random.default_rng(2)
+    inputs = {name: rng.standard_normal((1, 64, 4)).astype(np.float32) for name in ("tokens", "cotangent")}
+    expected = mil_eval.run(load_program(exact), inputs, function="vjp")["tokens_cotangent"]
+    assert max_abs(mil_eval.run(program, inputs, function="vjp")["tokens_cotangent"], expected) < COMPRESSED_VJP_BUDGET[compression]
+
+
+def test_cache_io_twins_match_the_stateful_functions(flow, step_calls, tmp_path: Path) -> None:
+    """The state-sharing fallback: each sampling function has a twin taking the caches as float16
+    inputs/outputs, as the state holds them, and sharing the weights; same outputs bit for bit."""
+    plan = replace(deep_plan(), cache_io=True)
+    path = tmp_path / "fallback.mlpackage"
+    save_package(block_programs(flow.config, block_arrays(flow, 5), plan, 0, "original", "float16"), path, info("float16"))
+    program = load_program(path)
+    assert {"prefill_io", "step_1_io", "step_4_io"} <= set(program.functions)
+    caches = [var for name, var in program.functions["step_4_io"].inputs.items() if name.startswith(("key_cache", "value_cache"))]
+    assert caches and all(var.dtype == types.fp16 for var in caches)
+    text, calls = step_calls
+    for (a, b), (a_io, b_io) in zip(run_steps(program, flow, plan, "state", text, calls),
+                                    run_steps(program, flow, plan, "io", text, calls, suffix="_io")):
+        np.testing.assert_array_equal(a, a_io)
+        np.testing.assert_array_equal(b, b_io)
 
 
 def test_split_einsum_layout_matches_original(flow, step_calls, tmp_path: Path) -> None:

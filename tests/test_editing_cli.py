@@ -132,6 +132,15 @@ def test_interpolate_between_seeds_ends_on_the_seeds_samples(models, tmp_path, c
     assert np.array_equal(strip[2:18, 2:18], pixels(tmp_path / "path-1.png"))
 
 
+def test_generate_at_an_official_aspect_ratio(models, tmp_path, capsys):
+    """16:9 on the 16×16 label model (multiple 2): sqrt(256·16/9) = 21.3 → 22 wide, sqrt(256·9/16) = 12 high."""
+    code, _, err = run(capsys, "generate", "cat", "--aspect-ratio", "16:9", "--model", models / "label", "--seed", 1,
+                       "-o", tmp_path / "wide.png", *EXACT)
+    assert code == 0, err
+    with Image.open(tmp_path / "wide.png") as image:
+        assert image.size == (22, 12) and image.text["size"] == "22x12"
+
+
 def test_rank_and_score_over_lists(models, cat_png, tmp_path, capsys):
     captions = tmp_path / "captions.txt"
     captions.write_text("ship\n\ncat\ndog\n")

@@ -14,23 +14,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_starflow import load_flow
-from mlx_starflow.convert.model import convert_model
 from mlx_starflow.samplers import Jacobi, Sequential
+from test_flow import flow, max_diff, sf  # noqa: F401  (fixtures: the converted tiny official model)
 
 BATCH_TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def sf(fixtures_dir):
-    return fixtures_dir / "starflow"
-
-
-@pytest.fixture(scope="module")
-def flow(sf, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sampling") / "tiny"
-    convert_model(sf / "model.pth", sf / "config.yaml", out)
-    return load_flow(out)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +33,6 @@ def batch(sf):
 
 def guided_rows(cond: mx.array, uncond: mx.array) -> mx.array:
     return mx.concatenate([cond, mx.broadcast_to(uncond, cond.shape)])
-
-
-def max_diff(a: mx.array, b: mx.array) -> float:
-    return mx.abs(a - b).max().item()
 
 
 def sample_each(flow, noise, cond, uncond, sampler) -> mx.array:

@@ -25,7 +25,11 @@ def export_coreml(
                                          help=f"Image height in pixels, at most {MAX_IMAGE_SIDE} (default: the training size)."),
     jacobi_block_size: list[int] = typer.Option([16], "--jacobi-block-size", help="Jacobi chunk size to export a step function for (repeatable)."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", callback=check_batch_size, help=f"Images per flow-block call, at most {MAX_BATCH}."),
-    score_step: bool = typer.Option(True, "--score-step/--no-score-step", help="Export the score-step denoise program."),
+    score_step: bool = typer.Option(True, "--score-step/--no-score-step",
+                                    help="Put the score-step denoise (forward and vjp functions) into each flow block's package."),
+    compile: bool = typer.Option(False, "--compile", help="Also write each package compiled (.mlmodelc) for an app to bundle; macOS only."),
+    state_fallback: bool = typer.Option(False, "--state-fallback",
+                                        help="Also export the sampling functions with the KV cache as inputs/outputs, for devices that refuse a shared state."),
     vae_encoder: bool = typer.Option(False, "--vae-encoder", help="Also export the VAE encoder (image → latent)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
@@ -35,5 +39,6 @@ def export_coreml(
     with tensor_progress("exporting Core ML packages") as progress:
         folder = export(model, out, dtype=dtype, compress=compress, attention=attention, target=target, width=width,
                         height=height, jacobi_block_sizes=tuple(jacobi_block_size), batch_size=batch_size, score_step=score_step,
-                        vae_encoder=vae_encoder, force=force, progress=progress)
+                        vae_encoder=vae_encoder, force=force, compile=compile,
+                        state_fallback=state_fallback, progress=progress)
     typer.echo(f"wrote {folder}")

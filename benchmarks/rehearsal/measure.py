@@ -147,7 +147,7 @@ def run_variant(report: Path, label: str, checkpoint: Path, yaml: Path, out: Pat
         meter.enter("load")
         flow = load_flow(out)
         mx.eval(flow.parameters())
-        meter.enter(f"sample {tokens} tokens")
+        meter.enter(f"sample {tokens} tokens after {text_tokens} text tokens")
         config = flow.config
         rng = np.random.default_rng(seed)
         noise = mx.array(rng.standard_normal((1, config.in_channels, 1, tokens)).astype(np.float32))

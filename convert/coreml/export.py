@@ -9,6 +9,7 @@ is written last.
 from __future__ import annotations
 
 import logging
+import platform
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from mlx_starflow.text_encoder import TOKENIZER_FILE
 
 from .builder import PRECISIONS
 from .compress import COMPRESSIONS, WeightCompression
-from .coremltools_api import TARGETS
+from .coremltools_api import TARGETS, ct, quiet
 from .flow import (
     COTANGENT,
     FORWARD,
@@ -42,6 +43,7 @@ from .flow import (
     BlockPlan,
     block_programs,
     cache_names,
+    io_name,
     step_name,
     updated_name,
     weight_bytes,
@@ -73,6 +75,8 @@ class ExportOptions:
     vae_encoder: bool = False
     kv_cache: str = "state"
     max_package_bytes: float | None = None
+    compile: bool = False
+    state_fallback: bool = False
 
     def check(self) -> None:
         """Every option a user can get wrong, as a one-line `ConfigError` naming the fix."""
@@ -90,6 +94,9 @@ class ExportOptions:
         for name, value in (("height", self.height), ("width", self.width)):
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be positive, not {value}")
+        if self.compile and platform.system() != "Darwin":
+            raise ConfigError(f"--compile needs the Core ML compiler, which only macOS has (this is {platform.system()}); "
+                              "export here without it and compile on a Mac, or let the app compile once (the Swift package caches it)")
         if self.score_step and self.attention != "original":
             raise ConfigError(f"--attention {self.attention} cannot carry the score-step gradient in the flow blocks; "
                               "pass --no-score-step (decode without the denoise) or use --attention original")
@@ -129,6 +136,8 @@ def export_coreml(
     force: bool = False,
     kv_cache: str = "state",
     max_package_bytes: float | None = None,
+    compile: bool = False,
+    state_fallback: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Export a converted model folder to Core ML packages in `out` (see the module docstring).
@@ -137,10 +146,13 @@ def export_coreml(
     `batch_size` is the number of images per flow-block call (rows: batch_size, or twice that
     in the guided deep block). `kv_cache="io"` (caches as inputs/outputs instead of float16 state) and
     `max_package_bytes` exist for numerical checks and tests; the defaults are what the Swift
-    package runs.
+    package runs. `compile` (macOS only) also writes each package compiled, as `<name>.mlmodelc`
+    beside it, for an app to bundle. `state_fallback` adds every sampling function a twin with
+    the caches as inputs/outputs (`cache_io` in the manifest), which the Swift package uses when
+    a device refuses one Core ML state shared by several functions.
     """
     options = ExportOptions(dtype, compress, attention, target, height, width, tuple(jacobi_block_sizes), batch_size,
-                            score_step, vae_encoder, kv_cache, max_package_bytes)
+                            score_step, vae_encoder, kv_cache, max_package_bytes, compile, state_fallback)
     options.check()
     out = Path(out)
     if out.exists() and not force:
@@ -192,7 +204,8 @@ class _Exporter:
         groups = group_layers(self.config.layers_per_block[index], per_layer, outside, self.options.package_limit)
         rows = self.options.batch_size * (2 if block.has_text else 1)
         return BlockPlan(index, block.flipped, block.has_text, rows, self.grid,
-                         self.text_length if block.has_text else 0, chunks, groups, self.options.score_step)
+                         self.text_length if block.has_text else 0, chunks, groups, self.options.score_step,
+                         self.options.state_fallback and self.options.kv_cache == "state")
 
     def write(self, folder: Path) -> None:
         manifest: dict[str, Any] = {
@@ -211,6 +224,10 @@ class _Exporter:
             "vae": self._vae(folder),
         }
         manifest["weight_bytes"] = {p.name: package_weight_bytes(p) for p in sorted(folder.glob("*.mlpackage"))}
+        if self.options.compile:
+            for package in sorted(folder.glob("*.mlpackage")):
+                with quiet():
+                    ct.utils.compile_model(str(package), str(package.with_suffix(".mlmodelc")))
         write_manifest(folder, manifest)
 
     def _image_channels(self) -> int:
@@ -267,8 +284,14 @@ class _Exporter:
             "hidden": {"input": HIDDEN_IN, "output": HIDDEN_OUT},
             "layers": [list(g) for g in plan.layer_groups],
         }
+        caches = {name: updated_name(name) for g in plan.layer_groups for layer in g for name in cache_names(layer)}
         if self.options.kv_cache == "io":
-            entry["caches"] = {name: updated_name(name) for g in plan.layer_groups for layer in g for name in cache_names(layer)}
+            entry["caches"] = caches
+        if plan.cache_io:
+            functions = entry["functions"]
+            entry["cache_io"] = {"functions": {"step": {size: io_name(name) for size, name in functions["step"].items()},
+                                               **({"prefill": io_name(PREFILL)} if plan.has_text else {})},
+                                 "caches": caches}
         return entry
 
     def _score_step(self) -> dict[str, Any] | None:

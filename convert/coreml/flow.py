@@ -60,6 +60,11 @@ def step_name(chunk: int) -> str:
     return f"step_{chunk}"
 
 
+def io_name(function: str) -> str:
+    """The cache-as-inputs/outputs twin of a sampling function."""
+    return f"{function}_io"
+
+
 def cache_names(layer: int) -> tuple[str, str]:
     return f"key_cache_{layer}", f"value_cache_{layer}"
 
@@ -83,6 +88,9 @@ class BlockPlan:
     layer_groups: tuple[tuple[int, ...], ...]
     score: bool = False
     """Whether the packages carry the score step's `forward` and `vjp` functions."""
+    cache_io: bool = False
+    """Whether the packages also carry the sampling functions with the caches as inputs/outputs
+    (`io_name`), the fallback for devices that refuse one state shared by several functions."""
 
     @property
     def tokens(self) -> int:
@@ -275,6 +283,12 @@ def block_programs(config: FlowConfig, arrays: dict[str, np.ndarray], plan: Bloc
                 for n in plan.chunk_sizes}
     if plan.has_text:
         programs[PREFILL] = prefill_program(config, arrays, plan, group, attention, precision, kv_cache, compression)
+    if plan.cache_io and kv_cache == "state":
+        for name in list(programs):
+            chunk = next((n for n in plan.chunk_sizes if step_name(n) == name), None)
+            programs[io_name(name)] = (step_program(config, arrays, plan, group, chunk, attention, precision, "io", compression)
+                                       if chunk is not None else
+                                       prefill_program(config, arrays, plan, group, attention, precision, "io", compression))
     if plan.score:
         programs[FORWARD] = forward_program(config, arrays, plan, group, precision, compression)
         programs[VJP] = vjp_program(config, arrays, plan, group, precision, compression)

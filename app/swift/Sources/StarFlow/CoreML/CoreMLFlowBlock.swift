@@ -12,11 +12,19 @@ import Foundation
 /// The sampling functions and the score-step functions are two managed resources: each loads
 /// on first use, and `unloadResources` drops both (and the states).
 public final class CoreMLFlowBlock: FlowBlock, LikelihoodBlock, ResourceManaging {
-    /// The sampling functions of one package: step models by chunk size, the prefill model.
+    /// The sampling functions of one package: step models by chunk size, the prefill model, and
+    /// in cache-IO mode the caches they take (input → updated output name).
     struct SamplingPart {
         let path: String
         let steps: [(size: Int, model: MLModel)]
         let prefill: MLModel?
+        let caches: [String: String]
+    }
+
+    /// The loaded sampling functions and how they keep the cache.
+    struct Sampling {
+        let mode: StateMode
+        let parts: [SamplingPart]
     }
 
     /// The score-step functions of one package.
@@ -35,25 +43,23 @@ public final class CoreMLFlowBlock: FlowBlock, LikelihoodBlock, ResourceManaging
     public var maxChunkSize: Int { spec.stepFunctions.last?.size ?? 0 }
 
     private let manifest: ExportManifest
-    private let sampling: ManagedResource<[SamplingPart]>
+    private let sampling: ManagedResource<Sampling>
     private let scoring: ManagedResource<[ScoringPart]>
+    /// Per package: its Core ML state (shared mode) or its caches (cache-IO mode), made by `reset`.
     private var states: [MLState] = []
+    private var caches: [[String: MLMultiArray]] = []
+
+    /// How the block keeps its cache on this device (loads the block to find out).
+    public func stateMode() throws -> StateMode { try sampling.perform { $0.mode } }
 
     init(packages: [CoreMLPackage], spec: ExportManifest.Block, manifest: ExportManifest, computeUnits: ComputeUnits) {
         self.spec = spec
         self.manifest = manifest
         sampling = ManagedResource(name: "\(spec.package) sampling") {
-            try packages.enumerated().map { part, package in
-                let steps = try spec.stepFunctions.map { size, name in
-                    (size, try package.load(function: name, computeUnits: computeUnits,
-                                            expecting: manifest.stepInterface(of: spec, chunk: size, part: part)))
-                }
-                var prefill: MLModel?
-                if let name = spec.functions.prefill, let expected = manifest.prefillInterface(of: spec, part: part) {
-                    prefill = try package.load(function: name, computeUnits: computeUnits, expecting: expected)
-                }
-                return SamplingPart(path: package.url.path, steps: steps, prefill: prefill)
-            }
+            let shared = try Self.samplingParts(packages, spec: spec, manifest: manifest, computeUnits: computeUnits, cacheIO: false)
+            let mode = try StateMode.select(for: spec) { try Self.probeSharedState(shared[0]) }
+            guard mode == .cacheIO else { return Sampling(mode: .shared, parts: shared) }
+            return Sampling(mode: .cacheIO, parts: try Self.samplingParts(packages, spec: spec, manifest: manifest, computeUnits: computeUnits, cacheIO: true))
         }
         scoring = ManagedResource(name: "\(spec.package) score step") {
             guard let forward = spec.functions.forward, let vjp = spec.functions.vjp else {
@@ -75,20 +81,72 @@ public final class CoreMLFlowBlock: FlowBlock, LikelihoodBlock, ResourceManaging
 
     public func unloadResources() {
         states = []
+        caches = []
         sampling.unloadResources()
         scoring.unloadResources()
+    }
+
+    /// Every package's sampling functions, the stateful ones or their cache-IO twins, each checked against the manifest.
+    private static func samplingParts(_ packages: [CoreMLPackage], spec: ExportManifest.Block, manifest: ExportManifest,
+                                      computeUnits: ComputeUnits, cacheIO: Bool) throws -> [SamplingPart] {
+        let stepNames = Dictionary(uniqueKeysWithValues: (cacheIO ? spec.cacheIOStepFunctions : spec.stepFunctions).map { ($0.size, $0.name) })
+        let prefillName = cacheIO ? spec.cacheIO?.functions.prefill : spec.functions.prefill
+        return try packages.enumerated().map { part, package in
+            func expect(_ base: ModelInterface) -> ModelInterface {
+                cacheIO ? manifest.cacheIOInterface(of: spec, base: base, part: part) : base
+            }
+            let steps = try spec.stepFunctions.map { size, _ in
+                guard let name = stepNames[size] else {
+                    throw StarFlowError.invalidFile(path: ExportManifest.fileName, problem: "\(spec.package) has no cache-IO twin for step \(size)")
+                }
+                return (size, try package.load(function: name, computeUnits: computeUnits,
+                                               expecting: expect(manifest.stepInterface(of: spec, chunk: size, part: part))))
+            }
+            var prefill: MLModel?
+            if let name = prefillName, let expected = manifest.prefillInterface(of: spec, part: part) {
+                prefill = try package.load(function: name, computeUnits: computeUnits, expecting: expect(expected))
+            }
+            return SamplingPart(path: package.url.path, steps: steps, prefill: prefill, caches: cacheIO ? spec.caches(part: part) : [:])
+        }
+    }
+
+    /// One call of a second function (prefill, or the largest step) on zeros with a state the
+    /// first step function made: throws where the device refuses a shared state.
+    private static func probeSharedState(_ part: SamplingPart) throws {
+        guard let owner = part.steps.first?.model, let other = part.prefill ?? part.steps.last?.model, other !== owner else { return }
+        let state = owner.makeState()
+        var inputs: [String: MLMultiArray] = [:]
+        for (name, feature) in other.modelDescription.inputDescriptionsByName {
+            guard let constraint = feature.multiArrayConstraint else { continue }
+            inputs[name] = try MLMultiArray.zeros(shape: constraint.shape.map(\.intValue), dataType: constraint.dataType)
+        }
+        _ = try predict(other, inputs, state: state, path: part.path)
     }
 
     public func reset(rows: Int) throws {
         guard rows == spec.rows else {
             throw StarFlowError.invalidArgument("\(spec.package) was exported for \(spec.rows) rows, not \(rows)")
         }
-        states = try sampling.perform { parts in
-            try parts.map { part in
+        try sampling.perform { sampling in
+            states = []
+            caches = []
+            for part in sampling.parts {
                 guard let first = part.steps.first?.model else {
                     throw StarFlowError.interfaceMismatch(path: part.path, problem: "the package has no step function")
                 }
-                return first.makeState()
+                switch sampling.mode {
+                case .shared:
+                    states.append(first.makeState())
+                case .cacheIO:
+                    var zeros: [String: MLMultiArray] = [:]
+                    for name in part.caches.keys {
+                        guard let constraint = first.modelDescription.inputDescriptionsByName[name]?.multiArrayConstraint else {
+                            throw StarFlowError.interfaceMismatch(path: part.path, problem: "the cache-IO step lacks the input \(name)")
+                        }
+                        zeros[name] = try MLMultiArray.zeros(shape: constraint.shape.map(\.intValue), dataType: constraint.dataType)
+                    }
+                    caches.append(zeros)
+                }
             }
         }
     }
@@ -97,7 +155,8 @@ public final class CoreMLFlowBlock: FlowBlock, LikelihoodBlock, ResourceManaging
         guard let input = spec.inputs.text else {
             throw StarFlowError.invalidArgument("\(spec.package) has no prefill function; only the deep block reads the condition")
         }
-        try sampling.perform { parts in
+        try sampling.perform { sampling in
+            let parts = sampling.parts
             guard let model = parts.first?.prefill else {
                 throw StarFlowError.invalidArgument("\(spec.package) has no prefill function; only the deep block reads the condition")
             }
@@ -111,7 +170,8 @@ public final class CoreMLFlowBlock: FlowBlock, LikelihoodBlock, ResourceManaging
         guard let size = spec.stepFunctions.map(\.size).first(where: { $0 >= count }) else {
             throw StarFlowError.invalidArgument("\(spec.package) has no step function for \(count) tokens (largest \(maxChunkSize))")
         }
-        return try sampling.perform { parts in
+        return try sampling.perform { sampling in
+            let parts = sampling.parts
             guard let firstSteps = parts.first?.steps else {
                 throw StarFlowError.interfaceMismatch(path: spec.package, problem: "the block has no package")
             }
@@ -192,19 +252,25 @@ public final class CoreMLFlowBlock: FlowBlock, LikelihoodBlock, ResourceManaging
     // MARK: helpers
 
     /// Runs the function `pick` chooses in every package, feeding each the previous one's
-    /// hidden state (plus the `shared` inputs), and returns the last package's outputs.
+    /// hidden state (plus the `shared` inputs) and its cache (state, or cache-IO arrays that come
+    /// back updated), and returns the last package's outputs.
     private func runChain(_ parts: [SamplingPart], first: [String: MLMultiArray], shared: [String: MLMultiArray],
                           pick: (SamplingPart) throws -> MLModel?) throws -> MLFeatureProvider {
-        guard states.count == parts.count else {
+        guard states.count == parts.count || caches.count == parts.count else {
             throw StarFlowError.invalidArgument("call reset(rows:) before running \(spec.package)")
         }
         var inputs = first
         var result: MLFeatureProvider?
-        for (part, state) in zip(parts, states) {
+        for (index, part) in parts.enumerated() {
             guard let model = try pick(part) else {
                 throw StarFlowError.interfaceMismatch(path: part.path, problem: "the package lacks a function the block needs")
             }
-            let output = try predict(model, inputs.merging(shared) { current, _ in current }, state: state, path: part.path)
+            var all = inputs.merging(shared) { current, _ in current }
+            if index < caches.count { all.merge(caches[index]) { current, _ in current } }
+            let output = try predict(model, all, state: index < states.count ? states[index] : nil, path: part.path)
+            if index < caches.count {
+                for (input, updated) in part.caches { caches[index][input] = try readArray(updated, of: output, path: part.path) }
+            }
             if let hidden = spec.hidden, let array = output.featureValue(for: hidden.output)?.multiArrayValue {
                 inputs = [hidden.input: array]
             }

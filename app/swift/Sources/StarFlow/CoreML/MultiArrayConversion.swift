@@ -23,6 +23,20 @@ extension MLMultiArray {
         return array
     }
 
+    /// An array of zeros (Core ML does not promise zeroed memory).
+    static func zeros(shape: [Int], dataType: MLMultiArrayDataType) throws -> MLMultiArray {
+        let array = try MLMultiArray(shape: shape.map { NSNumber(value: $0) }, dataType: dataType)
+        let bytes: Int
+        switch dataType {
+        case .float16: bytes = 2
+        case .double: bytes = 8
+        default: bytes = 4
+        }
+        let elements = zip(array.shape, array.strides).map { ($0.intValue - 1) * $1.intValue }.reduce(0, +) + 1
+        memset(array.dataPointer, 0, elements * bytes)
+        return array
+    }
+
     static func make(int32 values: [Int32], shape: [Int]) throws -> MLMultiArray {
         let array = try MLMultiArray(shape: shape.map { NSNumber(value: $0) }, dataType: .int32)
         let base = array.dataPointer

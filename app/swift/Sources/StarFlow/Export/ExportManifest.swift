@@ -105,6 +105,19 @@ public struct ExportManifest: Decodable, Sendable, Equatable {
             }
         }
 
+        /// The state-sharing fallback (`--state-fallback`): twins of the sampling functions that
+        /// take each KV cache as an input and return it updated (`caches`: input → output name),
+        /// for devices that refuse one Core ML state shared by several functions.
+        public struct CacheIO: Decodable, Sendable, Equatable {
+            public struct Functions: Decodable, Sendable, Equatable {
+                public let step: [String: String]
+                public let prefill: String?
+            }
+
+            public let functions: Functions
+            public let caches: [String: String]
+        }
+
         public let index: Int
         public let package: String
         /// The block's packages in order when it is split by layers (each passes `hidden` on).
@@ -121,9 +134,13 @@ public struct ExportManifest: Decodable, Sendable, Equatable {
         public let functions: Functions
         public let inputs: Inputs
         public let outputs: Outputs
+        /// The layers of each package, in order (absent in older manifests: one package).
+        public let layers: [[Int]]?
+        public let cacheIO: CacheIO?
 
         enum CodingKeys: String, CodingKey {
-            case index, package, packages, hidden, flipped, rows, tokens, sos, functions, inputs, outputs
+            case index, package, packages, hidden, flipped, rows, tokens, sos, functions, inputs, outputs, layers
+            case cacheIO = "cache_io"
             case hasText = "has_text"
             case tokenChannels = "token_channels"
             case textLength = "text_length"
@@ -136,6 +153,19 @@ public struct ExportManifest: Decodable, Sendable, Equatable {
         /// The step functions by chunk size, smallest first.
         public var stepFunctions: [(size: Int, name: String)] {
             functions.step.compactMap { key, name in Int(key).map { ($0, name) } }.sorted { $0.size < $1.size }
+        }
+
+        /// The cache-IO twins of the step functions by chunk size, smallest first (empty without the fallback).
+        public var cacheIOStepFunctions: [(size: Int, name: String)] {
+            (cacheIO?.functions.step ?? [:]).compactMap { key, name in Int(key).map { ($0, name) } }.sorted { $0.size < $1.size }
+        }
+
+        /// The KV cache inputs of package `part` (input → updated output name), for the cache-IO twins.
+        public func caches(part: Int) -> [String: String] {
+            guard let cacheIO else { return [:] }
+            guard let layers = layers?[part] else { return cacheIO.caches }
+            let own = Set(layers.flatMap { ["key_cache_\($0)", "value_cache_\($0)"] })
+            return cacheIO.caches.filter { own.contains($0.key) }
         }
     }
 

@@ -114,6 +114,12 @@ extension ExportManifest {
                     throw fail("\(name): the deep block needs a prefill function and a text input")
                 }
             }
+            if let cacheIO = block.cacheIO {
+                guard Set(cacheIO.functions.step.keys) == Set(block.functions.step.keys),
+                      (cacheIO.functions.prefill != nil) == (block.functions.prefill != nil), !cacheIO.caches.isEmpty else {
+                    throw fail("\(name): cache_io must give a twin of every step (and prefill) function and name the caches")
+                }
+            }
             if scoreStep != nil {
                 guard block.functions.forward != nil, block.functions.vjp != nil else {
                     throw fail("\(name): the score step needs forward and vjp functions in every block; export again, or with --no-score-step")

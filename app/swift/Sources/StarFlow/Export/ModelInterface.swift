@@ -85,6 +85,17 @@ extension ExportManifest {
         return ModelInterface(inputs: [input.0: input.1, encoder.inputs.attentionMask: [nil, length]], outputs: [output.0: output.1])
     }
 
+    /// A cache-IO twin of a sampling function: `base` plus every KV cache of package `part` as an
+    /// input (rows, …) and its updated copy as an output.
+    public func cacheIOInterface(of block: Block, base: ModelInterface, part: Int = 0) -> ModelInterface {
+        var interface = base
+        for (input, output) in block.caches(part: part) {
+            interface.inputs[input] = [block.rows, nil, nil, nil]
+            interface.outputs[output] = [block.rows, nil, nil, nil]
+        }
+        return interface
+    }
+
     /// The score step's `forward` of package `part` of `block`, one image: tokens in the block's
     /// order (first and last package), the conditional text (first package of the deep block),
     /// the previous package's hidden state (all but the first) → `z`, or the next hidden state.
