@@ -29,8 +29,8 @@ def read_text_file(path: Path, what: str = "prompt") -> str:
         if not path.is_file():
             raise InputError(f"{path} is not a regular file; {fix}")
         if path.stat().st_size > MAX_PROMPTS_FILE_BYTES:
-            raise InputError(f"{path} is larger than {MAX_PROMPTS_FILE_BYTES // 2**20} MiB; "
-                             f"split it (a run makes at most {MAX_IMAGES:,} images)")
+            raise InputError(f"{path} is larger than the {MAX_PROMPTS_FILE_BYTES // 2**20} MiB a {what} file may hold; "
+                             f"split it (a run takes at most {MAX_IMAGES:,} {what}s)")
         with path.open("rb") as f:
             data = f.read(MAX_PROMPTS_FILE_BYTES + 1)
         return data.decode("utf-8")

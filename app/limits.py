@@ -26,6 +26,11 @@ MAX_IMAGES = 10_000
 """Images per generate run (prompts × -n). Every output name and seed is planned before
 sampling; 10,000 PNGs at 256² are about 2 GB of disk."""
 
+MAX_PAIRS = 10_000
+"""(image, prompt) pairs per `score` run and captions per `rank` run: each is one forward pass
+of the flow (about 3.8 B multiply-adds per latent token with the official model), so 10,000 is
+already hours of work; a 16 MiB caption file of short lines would otherwise ask for millions."""
+
 MAX_GRID_PIXELS = 89_478_485
 """Pixels of one grid PNG: Pillow's decompression-bomb threshold (Image.MAX_IMAGE_PIXELS), so
 any Pillow-based viewer or our own `score` opens it; its RGB array is then 268 MB."""
@@ -69,8 +74,12 @@ def check_batch(option: str, value: int) -> int:
     return check_at_most(option, value, MAX_BATCH, "memory: each image in a batch holds its own KV cache")
 
 
-def check_image_count(images: int) -> int:
-    return check_at_most("the number of images (prompts × -n)", images, MAX_IMAGES, "images planned per run")
+def check_image_count(images: int, counted: str = "prompts × -n") -> int:
+    return check_at_most(f"the number of images ({counted})", images, MAX_IMAGES, "images planned per run")
+
+
+def check_pairs(pairs: int, counted: str) -> int:
+    return check_at_most(f"the number of {counted}", pairs, MAX_PAIRS, "forward passes of the flow per run")
 
 
 def check_grid(images: int, columns: int, width: int, height: int) -> None:

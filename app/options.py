@@ -16,6 +16,7 @@ from mlx_starflow.errors import InputError
 from mlx_starflow.pipeline import MAX_SEED
 from mlx_starflow.quantization import BITS
 
+from .inputs import check_text
 from .limits import MAX_IMAGE_SIDE, MAX_IMAGES, check_at_most, check_batch, check_finite, check_image_side
 
 FIRST_RUN_DTYPE = "bfloat16"
@@ -41,6 +42,14 @@ def _check_seed(value: Optional[int]) -> Optional[int]:
     return value
 
 
+def check_seeds(values: Optional[tuple[int, int]]) -> Optional[tuple[int, int]]:
+    """Typer callback for a pair of seeds (`interpolate --seeds A B`): each within 0 … MAX_SEED."""
+    for value in values or ():
+        if not 0 <= value <= MAX_SEED:
+            raise InputError(f"--seeds {value} is out of range: seeds are 0 … {MAX_SEED}")
+    return values
+
+
 def check_side(param: typer.CallbackParam, value: Optional[int]) -> Optional[int]:
     """Typer callback: an image side in pixels, within 1 … MAX_IMAGE_SIDE (None: the default)."""
     if value is not None and value < 1:
@@ -56,6 +65,12 @@ def check_batch_size(value: Optional[int]) -> Optional[int]:
 def image_count(param: typer.CallbackParam, value: int) -> int:
     """Typer callback for a number of images to make (`-n`, frames): within 1 … MAX_IMAGES."""
     return check_at_most(f"--{param.name.replace('_', '-')}", value, MAX_IMAGES, "images planned per run")
+
+
+def utf8_text(param: typer.CallbackParam, value: Optional[str]) -> Optional[str]:
+    """Typer callback for a prompt option: bytes that were not UTF-8 on the command line are
+    refused as they are parsed, before the tokenizer meets them."""
+    return value if value is None else check_text(value, f"--{param.name.replace('_', '-')}")
 
 
 def finite(param: typer.CallbackParam, value: Optional[float]) -> Optional[float]:
@@ -87,3 +102,11 @@ Seed = Annotated[Optional[int], typer.Option(
 Guidance = Annotated[float, typer.Option(
     "--guidance", "-g", callback=finite, help="Classifier-free guidance weight; 0 turns it off.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace existing output instead of stopping.")]
+Bfloat16Rope = Annotated[bool, typer.Option(
+    "--bfloat16-rope",
+    help="Round the flow's RoPE angles to bfloat16, as the official GPU sampler does (by up to 0.03 rad at 256²; "
+         "default: exact angles, as the official float32 code).")]
+Float32Compute = Annotated[bool, typer.Option(
+    "--float32-compute",
+    help="Run a float16/bfloat16 flow with float32 activations, as the official sampler's float32 autocast "
+         "(closer to float32 samples; the flow's weights take twice the memory). Default: the weights' dtype.")]

@@ -101,18 +101,18 @@ def free_target(folder: Path, base: str, taken: set[Path], force: bool) -> Targe
     return target
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, flag: str = "--output") -> None:
     """Fail now if `folder` cannot be created or written, without creating anything."""
     existing = folder
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise OutputError(f"cannot write to {folder}: {existing} is a file, not a folder; choose another --output")
+        raise OutputError(f"cannot write to {folder}: {existing} is a file, not a folder; choose another {flag}")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise OutputError(f"cannot write to {folder} ({e.strerror or e}); choose another --output") from None
+        raise OutputError(f"cannot write to {folder} ({e.strerror or e}); choose another {flag}") from None
 
 
 def remove_abandoned(folder: Path) -> None:

@@ -83,7 +83,7 @@ def real_config(width: int = REAL_WIDTH) -> FlowConfig:
     return scaled_config(width)
 
 
-def _linear_bytes(module: nn.Module) -> int:
+def _parameter_bytes(module: nn.Module) -> int:
     return sum(v.nbytes for _, v in nn.utils.tree_flatten(module.parameters()))
 
 
@@ -126,13 +126,13 @@ def build_block(config: FlowConfig, layers: int, text: bool, variant: Variant, s
 
 def layer_bytes(block: FlowBlock) -> int:
     """Bytes of one transformer layer's parameters (what one step reads per layer)."""
-    return _linear_bytes(block.layers[0])
+    return _parameter_bytes(block.layers[0])
 
 
 def head_bytes(block: FlowBlock) -> int:
     """Bytes a step reads outside the layers (input/output projections, final norm); the text
     projection runs only in the prefill and is not counted."""
-    return sum(_linear_bytes(block[name]) for name in ("proj_in", "final_norm", "proj_out") if name in block)
+    return sum(_parameter_bytes(block[name]) for name in ("proj_in", "final_norm", "proj_out") if name in block)
 
 
 def runner(block: FlowBlock, config: FlowConfig, prefix: int, compiled: bool,

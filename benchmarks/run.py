@@ -31,16 +31,20 @@ OPENBLAS_HINT = "apt-get install libopenblas0-pthread (then make bench BLAS=open
 
 
 def backend() -> str:
-    return "gpu" if mx.default_device() == mx.gpu else "cpu"
+    """MLX's backend in use: cpu, metal or cuda."""
+    if mx.default_device() != mx.gpu:
+        return "cpu"
+    return "metal" if mx.metal.is_available() else "cuda"
 
 
 def preloaded_blas() -> str | None:
     """The preloaded BLAS, after checking it exists (the dynamic loader only warns when it does not)."""
-    library = os.environ.get("LD_PRELOAD", "")
-    if library and not Path(library).is_file():
-        sys.exit(f"make bench: the preloaded BLAS {library} does not exist; install it with {OPENBLAS_HINT}, "
-                 f"or run without BLAS=/BLAS_PRELOAD=")
-    return os.path.basename(library) or None
+    libraries = os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    for library in libraries:
+        if not Path(library).is_file():
+            sys.exit(f"make bench: the preloaded library {library} does not exist; install it with {OPENBLAS_HINT}, "
+                     f"or run without BLAS=/BLAS_PRELOAD=")
+    return ", ".join(os.path.basename(library) for library in libraries) or None
 
 
 def machine(blas: str | None) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 
 from mlx_starflow.config import FlowConfig, LabelConfig
 from mlx_starflow.errors import ConfigError, InputError, OutputExists
-from mlx_starflow.model_io import WEIGHTS_FILE, read_manifest
+from mlx_starflow.model_io import WEIGHTS_FILE, read_manifest, verify_changed
 
 from .checkpoint import open_checkpoint
 from .maps.starflow import official_name
@@ -68,7 +68,8 @@ def export_official(model: str | Path, out: str | Path, force: bool = False) -> 
     if out.suffix != ".pth":
         raise InputError(f"--out {out} must end in .pth")
     flow_folder = model / "flow" if (model / "flow").is_dir() else model
-    read_manifest(flow_folder)
+    # the weights are read straight from the file, so they are checked as loading checks them
+    verify_changed(flow_folder, read_manifest(flow_folder))
     config = FlowConfig.load(flow_folder)
     if config.quantization:
         raise ConfigError(f"{model} is quantised; the official format holds full-precision weights: export the model it was converted from")

@@ -33,6 +33,17 @@ MAX_PICKLE_BYTES = 64 << 20
 """A state dict's pickle holds names and shapes only (the 3B checkpoint's is well under 1 MB)."""
 MAX_BYTEORDER_BYTES = 16
 """The `byteorder` record holds `little` or `big`."""
+MAX_ZIP_ENTRIES = 100_000
+"""Entries of a checkpoint's zip: one per storage plus four records (the fixture model has 136;
+a state dict of 100,000 tensors is far beyond any released model). `zipfile` keeps a record of
+every entry in memory, so a zip of millions of tiny entries is refused before it is listed."""
+MAX_ZIP_DIRECTORY_BYTES = 64 << 20
+"""The zip's central directory, which `zipfile` reads whole: 100,000 entries of torch's names
+take about 10 MB."""
+_END_OF_DIRECTORY = b"PK\x05\x06"
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_END_SEARCH_BYTES = 22 + 0xFFFF
+"""The end-of-directory record (22 bytes) sits within its maximal comment's length of the end."""
 # torch's pre-1.6 format starts with a protocol-2 pickle of this magic number (a LONG1 of 10 bytes).
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
@@ -231,11 +242,38 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, pa
     return data
 
 
+def _check_directory(f: io.BufferedReader, path: Path) -> None:
+    """Refuse a zip whose central directory declares more entries or bytes than a checkpoint can
+    have, before `zipfile` lists it. A zip too damaged to find the record in is left to `zipfile`,
+    which names the damage."""
+    size = f.seek(0, io.SEEK_END)
+    f.seek(max(0, size - _END_SEARCH_BYTES))
+    tail = f.read(_END_SEARCH_BYTES)
+    at = tail.rfind(_END_OF_DIRECTORY)
+    if at < 0 or at + 22 > len(tail):
+        return
+    entries, directory_bytes = struct.unpack("<HI", tail[at + 10:at + 16])
+    if at >= 20 and tail[at - 20:at - 16] == _ZIP64_LOCATOR:
+        (record,) = struct.unpack("<Q", tail[at - 12:at - 4])
+        zip64 = b""
+        if record + 56 <= size:
+            f.seek(record)
+            zip64 = f.read(56)
+        if len(zip64) == 56:
+            entries64, directory64 = struct.unpack("<QQ", zip64[32:48])
+            entries, directory_bytes = max(entries, entries64), max(directory_bytes, directory64)
+    if entries > MAX_ZIP_ENTRIES or directory_bytes > MAX_ZIP_DIRECTORY_BYTES:
+        raise WeightsError(f"{path} declares {entries:,} zip entries in {directory_bytes:,} bytes of directory, over the "
+                           f"{MAX_ZIP_ENTRIES:,} entries and {MAX_ZIP_DIRECTORY_BYTES >> 20} MiB a torch checkpoint can have; "
+                           "the file is damaged or not a checkpoint")
+
+
 def open_pth(path: str | Path) -> dict[str, LazyTensor]:
     """Open a torch zip checkpoint: its tensors, in file order, with their data still on disk.
 
-    Only `data.pkl` (stored, at most `MAX_PICKLE_BYTES`) and `byteorder` (a few bytes) are read
-    from the zip; storages are read in place, so no entry is ever inflated.
+    Only the directory (at most `MAX_ZIP_ENTRIES`), `data.pkl` (stored, at most `MAX_PICKLE_BYTES`)
+    and `byteorder` (a few bytes) are read from the zip; storages are read in place, so no entry
+    is ever inflated.
     """
     path = Path(path)
     if not path.exists():
@@ -243,8 +281,9 @@ def open_pth(path: str | Path) -> dict[str, LazyTensor]:
     check_regular_file(path)
     with open(path, "rb") as f:
         head = f.read(len(_LEGACY_MAGIC))
-    if not head.startswith(ZIP_MAGIC):
-        raise WeightsError(_not_a_zip(path, head))
+        if not head.startswith(ZIP_MAGIC):
+            raise WeightsError(_not_a_zip(path, head))
+        _check_directory(f, path)
     try:
         with zipfile.ZipFile(path) as archive:
             members = {info.filename: info for info in archive.infolist()}

@@ -54,7 +54,9 @@ def looks_like_safetensors(path: Path) -> bool:
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The parsed JSON header and the file offset where tensor data begins."""
+    """The parsed JSON header and the file offset where tensor data begins; a folder, device or
+    FIFO is refused before it is opened."""
+    check_regular_file(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         length_bytes = f.read(8)
@@ -106,7 +108,6 @@ def open_safetensors(path: str | Path) -> dict[str, LazyTensor]:
     path = Path(path)
     if not path.exists():
         raise ModelNotFound(f"no checkpoint at {path}; check the path")
-    check_regular_file(path)
     header, data_start = _read_header(path)
     data_bytes = path.stat().st_size - data_start
     entries = []

@@ -11,26 +11,48 @@ The noise arithmetic itself is in `noise_ops`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
 from .errors import InputError
-from .image import fit_image, pil_to_uint8, read_image, uint8_to_model_input
+from .config import FlowConfig
+from .flow import StarFlow
+from .image import GeneratedImage, fit_image, pil_to_uint8, read_image, uint8_to_model_input
 from .noise_ops import check_strength, interpolation_path, keep_tokens, mix_noise, resolve_keep
 from .samplers import Sampler, Sequential
 from .sampling import bits_per_dim, nll_per_sample
 
-if TYPE_CHECKING:
-    from .pipeline import GeneratedImage, StarFlowPipeline
+from .vae import VAE
 
 ImageLike = str | Path | Image.Image | np.ndarray
 """A file path, a PIL image, or uint8 pixels (3, H, W)."""
+
+
+class Pipeline(Protocol):
+    """What inversion and ranking use of a loaded model (`pipeline.StarFlowPipeline`); the
+    pipeline calls into this module, so this module names the pipeline only by its shape."""
+
+    flow: StarFlow
+    vae: VAE | None
+
+    @property
+    def config(self) -> FlowConfig: ...
+
+    def check_size(self, width: int | None, height: int | None) -> tuple[int, int]: ...
+
+    def check_prompts(self, prompts: Sequence[str]) -> list[str]: ...
+
+    def encode_distinct(self, prompts: Sequence[str]) -> tuple[mx.array | None, list[int]]: ...
+
+    def noise(self, seeds: Sequence[int], width: int, height: int) -> mx.array: ...
+
+    def iter_generate(self, prompts: Sequence[str], seed: Any = None, **settings: Any) -> Iterator[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -60,20 +82,20 @@ def as_pixels(image: ImageLike) -> np.ndarray:
     raise InputError(f"expected an image path, a PIL image or uint8 pixels (3, H, W), got {type(image).__name__}")
 
 
-def image_latents(pipe: StarFlowPipeline, images: Sequence[ImageLike], width: int, height: int) -> mx.array:
+def image_latents(pipe: Pipeline, images: Sequence[ImageLike], width: int, height: int) -> mx.array:
     """Images prepared as the official data pipeline does (centre crop, resize) → the flow's input."""
     pixels = uint8_to_model_input(np.stack([fit_image(as_pixels(image), width, height) for image in images]))
     return pixels if pipe.vae is None else pipe.vae.encode(pixels)
 
 
-def conditions(pipe: StarFlowPipeline, prompts: Sequence[str]) -> mx.array | None:
+def conditions(pipe: Pipeline, prompts: Sequence[str]) -> mx.array | None:
     """Condition states per prompt, each distinct prompt encoded once."""
     states, rows = pipe.encode_distinct(list(prompts))
     return None if states is None else states[mx.array(rows)]
 
 
 def invert(
-    pipe: StarFlowPipeline, images: Sequence[ImageLike], prompts: Sequence[str], width: int | None = None, height: int | None = None
+    pipe: Pipeline, images: Sequence[ImageLike], prompts: Sequence[str], width: int | None = None, height: int | None = None
 ) -> Inversion:
     """Each image → the noise that samples back to it under its prompt (one prompt per image)."""
     if len(images) != len(prompts):
@@ -89,7 +111,7 @@ def invert(
     return Inversion(noise, latent, tuple(prompts), width, height, tuple(bits.tolist()))
 
 
-def round_trip_error(pipe: StarFlowPipeline, inversion: Inversion, sampler: Sampler | None = None) -> float:
+def round_trip_error(pipe: Pipeline, inversion: Inversion, sampler: Sampler | None = None) -> float:
     """Max |sample(noise) − latent| with guidance 0: the flow's own inversion error.
 
     Sequential sampling gives float rounding (~1e-6 on the fixture model); Jacobi adds its
@@ -100,7 +122,7 @@ def round_trip_error(pipe: StarFlowPipeline, inversion: Inversion, sampler: Samp
     return mx.max(mx.abs(back - inversion.latent)).item()
 
 
-def edit_noise(pipe: StarFlowPipeline, inversion: Inversion, keep: int | float | None, seed: int) -> mx.array:
+def edit_noise(pipe: Pipeline, inversion: Inversion, keep: int | float | None, seed: int) -> mx.array:
     """The inverted noise with all but the first `keep` deep-block tokens redrawn from `seed`."""
     patch = pipe.config.patch_size
     _, _, H, W = inversion.noise.shape
@@ -112,7 +134,7 @@ def edit_noise(pipe: StarFlowPipeline, inversion: Inversion, keep: int | float |
 
 
 def sample_noise(
-    pipe: StarFlowPipeline,
+    pipe: Pipeline,
     prompts: Sequence[str],
     noise: mx.array,
     seeds: Sequence[int] | None,
@@ -124,8 +146,6 @@ def sample_noise(
     Each result's metadata gains its `extras` entry (what was inverted, how the noise was
     changed); without `seeds` (noise not drawn from a seed) it carries no seed.
     """
-    from .pipeline import GeneratedImage
-
     _, _, H, W = noise.shape
     factor = pipe.config.vae_factor
     rows = list(range(len(prompts))) if seeds is None else list(seeds)
@@ -139,12 +159,12 @@ def sample_noise(
         for key in set(result.image.info) - set(metadata):
             del result.image.info[key]
         result.image.info.update(metadata)
-        finished.append(GeneratedImage(result.image, result.prompt, result.seed, metadata))
+        finished.append(replace(result, metadata=metadata))
     return finished
 
 
 def edit(
-    pipe: StarFlowPipeline,
+    pipe: Pipeline,
     image: ImageLike,
     prompt: str,
     source_prompt: str = "",
@@ -167,7 +187,7 @@ def edit(
 
 
 def vary(
-    pipe: StarFlowPipeline,
+    pipe: Pipeline,
     image: ImageLike,
     prompt: str = "",
     count: int = 4,
@@ -190,7 +210,7 @@ def vary(
 
 
 def interpolate(
-    pipe: StarFlowPipeline,
+    pipe: Pipeline,
     prompt: str,
     steps: int,
     seeds: tuple[int, int] | None = None,

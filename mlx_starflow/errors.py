@@ -75,8 +75,8 @@ def environment_error(error: OSError) -> StarFlowError | None:
 def name_os_error(error: BaseException, path: object) -> None:
     """Give an OS error raised while writing `path` that names no file (a full disk during
     `write`) the output's name, so the user's one-line error can say which output failed."""
-    if isinstance(error, OSError) and error.filename is None:
-        error.filename = str(path)
+    if isinstance(error, OSError) and not isinstance(error, StarFlowError) and error.filename is None:
+        error.filename = str(path)  # our own OutputExists already names it, and a filename would replace its message
 
 
 def _user_path(name: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,6 +18,16 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .errors import InputError, OutputExists
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One result: the picture and the settings that reproduce it (also in `image.info`)."""
+
+    image: Image.Image
+    prompt: str
+    seed: int
+    metadata: dict[str, str]
 
 
 def decoded_to_uint8(images: mx.array | np.ndarray) -> np.ndarray:

@@ -6,13 +6,19 @@ checks its structure without loading weights (what a cache needs to tell whether
 is current); `load_model_folder` loads the parts and checks that they fit each other. Every
 front door (`mlx_starflow.load`, training's `--init`, the hub cache, the Core ML exporter)
 goes through here, so a new component kind is added in this file only.
+
+The text encoder can stay on disk until prompts are encoded (`LazyTextEncoder`): it runs once
+per prompt, and flan-t5-xl in float32 (4.9 GB) held through sampling would add to the peak.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import mlx.core as mx
 
 from .config import ComponentConfig, FlowConfig, LabelConfig, T5Config, VAEConfig
 from .errors import ConfigError, ModelNotFound
@@ -27,7 +33,66 @@ COMPONENT_KINDS: dict[str, type[ComponentConfig]] = {
 }
 """Component folder name → the config (and so the kind) it must hold."""
 
-Condition = TextEncoder | LabelEncoder
+
+@dataclass(frozen=True)
+class FlowNumerics:
+    """How the flow computes beyond its weights' dtype; both off by default (see `load_flow`).
+
+    `bfloat16_rope` rounds RoPE angles to bfloat16 as the official GPU sampler does;
+    `float32_compute` runs float16/bfloat16 weights in float32 activations, as the official
+    float32 autocast does.
+    """
+
+    bfloat16_rope: bool = False
+    float32_compute: bool = False
+
+    def metadata(self) -> dict[str, str]:
+        """PNG metadata entries for the switches that are on (none by default, so default images
+        keep their recorded metadata)."""
+        return {name: "on" for name in ("bfloat16_rope", "float32_compute") if getattr(self, name)}
+
+
+class LazyTextEncoder:
+    """A model folder's text encoder whose weights are read when needed and dropped on `release()`.
+
+    It has `TextEncoder`'s `count_tokens` and `encode`; both load the weights (they come with
+    the tokenizer), and `encode` evaluates its states, so after `release()` nothing refers to
+    the weights and their memory is free. The pipeline releases it after each encoding.
+    """
+
+    def __init__(self, folder: Path, config: T5Config):
+        self.folder = folder
+        self.config = config
+        self._encoder: TextEncoder | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether the weights are in memory now."""
+        return self._encoder is not None
+
+    def get(self) -> TextEncoder:
+        """The loaded text encoder, read from the folder unless it is held."""
+        if self._encoder is None:
+            self._encoder = load_text_encoder(self.folder)
+        return self._encoder
+
+    def release(self) -> None:
+        """Drop the weights and return their buffers from MLX's cache to the system."""
+        if self._encoder is not None:
+            self._encoder = None
+            mx.clear_cache()
+
+    def count_tokens(self, prompts: str | Sequence[str]) -> list[int]:
+        return self.get().count_tokens(prompts)
+
+    def encode(self, prompts: str | Sequence[str], length: int) -> mx.array:
+        """`TextEncoder.encode`, evaluated, so the states do not keep the weights alive."""
+        states = self.get().encode(prompts, length)
+        mx.eval(states)
+        return states
+
+
+Condition = TextEncoder | LazyTextEncoder | LabelEncoder
 
 
 @dataclass(frozen=True)
@@ -69,8 +134,8 @@ class ModelParts:
         return self.flow.config
 
     @property
-    def text_encoder(self) -> TextEncoder | None:
-        return self.condition if isinstance(self.condition, TextEncoder) else None
+    def text_encoder(self) -> TextEncoder | LazyTextEncoder | None:
+        return self.condition if isinstance(self.condition, (TextEncoder, LazyTextEncoder)) else None
 
     @property
     def labels(self) -> LabelEncoder | None:
@@ -108,14 +173,17 @@ def read_model_folder(path: str | Path) -> ModelFolder:
     return ModelFolder(folder, manifest, {name: COMPONENT_KINDS[name].KIND for name in listed})
 
 
-def load_model_folder(path: str | Path, decoder: bool = True) -> ModelParts:
+def load_model_folder(path: str | Path, decoder: bool = True, lazy_text_encoder: bool = False,
+                      numerics: FlowNumerics = FlowNumerics()) -> ModelParts:
     """Load a model folder's parts strictly and check that they fit the flow.
 
     `decoder=False` leaves a fine-tuned decoder on disk (training carries it over unread).
+    `lazy_text_encoder=True` checks the text encoder's config but leaves its weights on disk
+    until prompts are encoded (`LazyTextEncoder`). `numerics` sets how the flow computes.
     """
     folder = read_model_folder(path)
-    flow = load_flow(folder.path / "flow")
-    condition = _load_condition(folder, flow.config)
+    flow = load_flow(folder.path / "flow", numerics.bfloat16_rope, numerics.float32_compute)
+    condition = _load_condition(folder, flow.config, lazy_text_encoder)
     vae = _load_vae(folder, flow.config)
     if folder.has("decoder") and vae is None:
         raise ConfigError(f"{folder.path} has a fine-tuned decoder but its flow is a pixel-space model; convert the model again without --decoder")
@@ -123,15 +191,16 @@ def load_model_folder(path: str | Path, decoder: bool = True) -> ModelParts:
     return ModelParts(folder, flow, condition, vae, fine_tuned)
 
 
-def _load_condition(folder: ModelFolder, config: FlowConfig) -> Condition | None:
+def _load_condition(folder: ModelFolder, config: FlowConfig, lazy_text_encoder: bool) -> Condition | None:
     if folder.has("text_encoder"):
-        encoder = load_text_encoder(folder.path / "text_encoder")
-        if encoder.encoder.config.d_model != config.txt_dim:
+        text_config = T5Config.load(folder.path / "text_encoder")
+        if text_config.d_model != config.txt_dim:
             raise ConfigError(
-                f"{folder.path}: the text encoder's width {encoder.encoder.config.d_model} differs from the flow's text width "
+                f"{folder.path}: the text encoder's width {text_config.d_model} differs from the flow's text width "
                 f"{config.txt_dim}; convert the model again with the text encoder it was trained with"
             )
-        return encoder
+        lazy = LazyTextEncoder(folder.path / "text_encoder", text_config)
+        return lazy if lazy_text_encoder else lazy.get()
     if folder.has("labels"):
         labels = load_label_encoder(folder.path / "labels")
         if labels.dim != config.txt_dim:

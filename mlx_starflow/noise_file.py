@@ -50,7 +50,8 @@ def save_noise(path: str | Path, noise: mx.array, metadata: dict[str, str], over
         raise InputError(f"{path} must end in .safetensors (the noise is stored as safetensors)")
     if path.exists() and not overwrite:
         raise OutputExists(f"{path} already exists; choose another --out or pass --force")
-    temporary = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp.safetensors")
+    # Our temporary naming (`.NAME.tmp-PID-…`), so an error while writing names NAME, not the temporary.
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}.safetensors")
     try:
         mx.save_safetensors(str(temporary), {NOISE_KEY: noise.astype(mx.float32)}, metadata=metadata)
         os.replace(temporary, path)
@@ -76,6 +77,8 @@ def load_noise(path: str | Path) -> NoiseFile:
         raise InputError(f"{path}: the noise is {noise.dtype}, not float32; write it as float32")
     if noise.ndim != 4:
         raise InputError(f"{path}: the noise has shape {list(noise.shape)}; it must be (images, channels, height, width)")
+    if not mx.all(mx.isfinite(noise)).item():
+        raise InputError(f"{path}: the noise holds NaN or infinite values, which sample blank images; invert the image again")
     return NoiseFile(noise, dict(metadata))
 
 

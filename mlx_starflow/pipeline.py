@@ -3,11 +3,13 @@
 `load(folder)` reads a converted model folder (flow, condition encoder, VAE, optional
 fine-tuned decoder) strictly. `StarFlowPipeline.iter_generate` encodes each distinct
 condition once, then per batch samples the flow (yielding the flow's own progress), denoises
-and decodes; it never prints, so any front end can draw the progress it yields.
+and decodes; it never prints, so any front end can draw the progress it yields. By default the
+text encoder's weights are read for each encoding and released before sampling starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
@@ -28,9 +30,9 @@ from .config import FlowConfig
 from .errors import ConfigError, InputError
 from .flow import SampleProgress, StarFlow
 from .samplers import Jacobi, Sampler
-from .image import decoded_to_pil
+from .image import GeneratedImage, decoded_to_pil
 from .labels import LabelEncoder
-from .model_folder import Condition, load_model_folder
+from .model_folder import Condition, FlowNumerics, LazyTextEncoder, load_model_folder
 from .text_encoder import TextEncoder
 from .vae import VAE
 
@@ -42,16 +44,6 @@ MAX_DEFAULT_BATCH = 8
 """The official sampling script's batch; more gains little once the weights are read per step."""
 MEMORY_FRACTION = 0.6
 """Share of the machine's memory the default batch may plan for (the rest: OS, other apps)."""
-
-
-@dataclass(frozen=True)
-class GeneratedImage:
-    """One result: the picture and the settings that reproduce it (also in `image.info`)."""
-
-    image: Image.Image
-    prompt: str
-    seed: int
-    metadata: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -178,14 +170,21 @@ def parameter_bytes(*modules) -> int:
 
 
 class StarFlowPipeline:
-    """A loaded model folder: the flow, its condition encoder, and the VAE (or none, in pixel space)."""
+    """A loaded model folder: the flow, its condition encoder, and the VAE (or none, in pixel space).
 
-    def __init__(self, flow: StarFlow, condition: Condition | None, vae: VAE | None, decoder: VAE | None, name: str):
+    A `LazyTextEncoder` condition is released after every encoding (`encode`, `encode_distinct`),
+    so sampling, denoising and decoding never hold its weights; `numerics` are the flow's
+    switches, recorded in the images' metadata when on.
+    """
+
+    def __init__(self, flow: StarFlow, condition: Condition | None, vae: VAE | None, decoder: VAE | None, name: str,
+                 numerics: FlowNumerics = FlowNumerics()):
         self.flow = flow
         self.condition = condition
         self.vae = vae
         self.decoder = decoder
         self.name = name
+        self.numerics = numerics
 
     # ---- what the model accepts ------------------------------------------------------------
 
@@ -234,7 +233,7 @@ class StarFlowPipeline:
         if isinstance(self.condition, LabelEncoder):
             self.condition.ids(list(prompts))
             return []
-        if isinstance(self.condition, TextEncoder):
+        if isinstance(self.condition, (TextEncoder, LazyTextEncoder)):
             limit = self.config.txt_size
             notes = []
             unique = list(dict.fromkeys(prompts))
@@ -249,18 +248,34 @@ class StarFlowPipeline:
     def suggested_batch_size(self, width: int, height: int, guidance: float) -> int:
         step = self.config.size_multiple
         tokens = (height // step) * (width // step)
-        weights = parameter_bytes(self.flow, getattr(self.condition, "encoder", None), self.vae, self.decoder)
+        held_text = self.condition.encoder if isinstance(self.condition, TextEncoder) else None
+        weights = parameter_bytes(self.flow, held_text, self.vae, self.decoder)
         return default_batch_size(self.config, tokens, guidance, weights, available_memory())
 
     # ---- stages ---------------------------------------------------------------------------
 
     def encode(self, prompts: Sequence[str]) -> mx.array | None:
-        """Condition states (B, T, D) float32, or None for an unconditional model."""
+        """Condition states (B, T, D) float32, or None for an unconditional model; a lazy text
+        encoder is released afterwards."""
+        with self.text_encoder_released():
+            return self._encode(prompts)
+
+    def _encode(self, prompts: Sequence[str]) -> mx.array | None:
         if self.condition is None:
             return None
-        if isinstance(self.condition, TextEncoder):
+        if isinstance(self.condition, (TextEncoder, LazyTextEncoder)):
             return self.condition.encode(list(prompts), self.config.txt_size)
         return self.condition.encode(list(prompts))
+
+    @contextlib.contextmanager
+    def text_encoder_released(self) -> Iterator[None]:
+        """Encode within the block; a lazy text encoder's weights are released at its end (also
+        on an error), so what follows (sampling) never holds them."""
+        try:
+            yield
+        finally:
+            if isinstance(self.condition, LazyTextEncoder):
+                self.condition.release()
 
     def noise(self, seeds: Sequence[int], width: int, height: int) -> mx.array:
         factor = self.config.vae_factor
@@ -309,9 +324,10 @@ class StarFlowPipeline:
         if self.condition is None:
             return None, rows
         chunks = []
-        for start in range(0, len(distinct), ENCODE_CHUNK):
-            chunks.append(self.encode(distinct[start : start + ENCODE_CHUNK]))
-            mx.eval(chunks[-1])
+        with self.text_encoder_released():
+            for start in range(0, len(distinct), ENCODE_CHUNK):
+                chunks.append(self._encode(distinct[start : start + ENCODE_CHUNK]))
+                mx.eval(chunks[-1])
         return (chunks[0] if len(chunks) == 1 else mx.concatenate(chunks, axis=0)), rows
 
     def iter_generate(
@@ -403,6 +419,7 @@ class StarFlowPipeline:
                 "software": _software(),
                 **({"noise": "given"} if noise is not None else {}),
                 **({"denoise_lr": f"{denoise_lr:g}"} if denoise == "score" and denoise_lr != 1.0 else {}),
+                **self.numerics.metadata(),
             }
             results = []
             for offset, picture in enumerate(pictures):
@@ -470,11 +487,19 @@ def _preview(prompt: str, limit: int = 40) -> str:
     return prompt if len(prompt) <= limit else prompt[: limit - 1] + "…"
 
 
-def load(path: str | Path) -> StarFlowPipeline:
+def load(path: str | Path, keep_text_encoder: bool = False, bfloat16_rope: bool = False,
+         float32_compute: bool = False) -> StarFlowPipeline:
     """Load a converted model folder (`starflow convert`, or the first run of `starflow generate`).
 
     The top manifest and every component's are checked first, so a half-written, stale or
     incompatible folder is an error naming the fix, never a model with missing parts.
+
+    `keep_text_encoder=False` (the default, and the CLI's) reads the text encoder's weights for
+    each encoding and releases them before sampling, so they never add to the peak (flan-t5-xl
+    in float32 is 4.9 GB); every `generate` call then reads them again. `True` loads them now
+    and keeps them, for repeated calls when memory allows. `bfloat16_rope` and
+    `float32_compute`: see `load_flow`; both off by default, recorded in the metadata when on.
     """
-    parts = load_model_folder(path)
-    return StarFlowPipeline(parts.flow, parts.condition, parts.vae, parts.decoder, parts.folder.name)
+    numerics = FlowNumerics(bfloat16_rope, float32_compute)
+    parts = load_model_folder(path, lazy_text_encoder=not keep_text_encoder, numerics=numerics)
+    return StarFlowPipeline(parts.flow, parts.condition, parts.vae, parts.decoder, parts.folder.name, numerics)

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from .editing import ImageLike, image_latents
+from .editing import ImageLike, Pipeline, image_latents
 from .errors import InputError
-
-if TYPE_CHECKING:
-    from .pipeline import StarFlowPipeline
 
 DEFAULT_PAIR_BATCH = 8
 """(image, prompt) pairs per forward pass: a forward keeps no activations for a backward pass,
@@ -41,7 +37,7 @@ def check_prompts_list(prompts: Sequence[str], what: str = "caption") -> list[st
     return prompts
 
 
-def likelihood_matrix(pipe: StarFlowPipeline, latents: mx.array, prompts: Sequence[str], batch_size: int = DEFAULT_PAIR_BATCH) -> mx.array:
+def likelihood_matrix(pipe: Pipeline, latents: mx.array, prompts: Sequence[str], batch_size: int = DEFAULT_PAIR_BATCH) -> mx.array:
     """Bits per dimension (I, P) of I latents under P prompts, `batch_size` pairs per forward pass."""
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
@@ -59,7 +55,7 @@ def likelihood_matrix(pipe: StarFlowPipeline, latents: mx.array, prompts: Sequen
 
 
 def score(
-    pipe: StarFlowPipeline,
+    pipe: Pipeline,
     images: Sequence[ImageLike],
     prompts: Sequence[str],
     width: int | None = None,
@@ -76,7 +72,7 @@ def score(
 
 
 def rank(
-    pipe: StarFlowPipeline,
+    pipe: Pipeline,
     image: ImageLike,
     captions: Sequence[str],
     width: int | None = None,

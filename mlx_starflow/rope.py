@@ -10,15 +10,21 @@ Head dims are rotated in interleaved pairs (x_2m, x_2m+1).
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import mlx.core as mx
 import numpy as np
 
-if TYPE_CHECKING:
-    from .token_layout import TokenLayout
-
 TEXT_AXIS_DIMS = 8
+
+
+class PositionedLayout(Protocol):
+    """What the tables need of a token layout (`token_layout.TokenLayout`): hashable, with a RoPE
+    position per sequence index."""
+
+    def __hash__(self) -> int: ...
+
+    def positions(self, text_length: int, pt_seq_len: int) -> np.ndarray: ...
 
 
 def token_positions(height: int, width: int, text_length: int, pt_seq_len: int) -> np.ndarray:
@@ -49,7 +55,7 @@ def rope_angles(positions: np.ndarray, head_dim: int, theta: float, text_axis: b
 
 @lru_cache(maxsize=32)
 def rope_tables(
-    layout: TokenLayout, text_length: int, pt_seq_len: int, head_dim: int, theta: float, text_axis: bool,
+    layout: PositionedLayout, text_length: int, pt_seq_len: int, head_dim: int, theta: float, text_axis: bool,
     bfloat16_angles: bool = False,
 ) -> tuple[mx.array, mx.array]:
     """cos and sin tables (S, head_dim/2) for one block's token sequence, memoised by layout.

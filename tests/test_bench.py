@@ -10,6 +10,7 @@ import numpy as np
 from benchmarks.converter_memory import _peak_rss_of
 from benchmarks.full_width import Variant, build_block, head_bytes, layer_bytes
 from benchmarks.models import scaled_config
+from benchmarks.projection import bytes_per_image, layer_parameters
 from benchmarks.run import write_json
 
 MB = 1 << 20
@@ -44,3 +45,9 @@ def test_a_partial_run_keeps_the_other_sections_of_bench_json(tmp_path):
                                             "batch_throughput": {"1": 2.0}}
     write_json(path, {"backend": "gpu"}, partial=False)
     assert json.loads(path.read_text()) == {"backend": "gpu"}
+
+
+def test_projection_reads_the_3b_models_weights_once_per_token():
+    assert layer_parameters() == 113_286_144  # one width-3072 layer of the official model
+    assert round(bytes_per_image("float16") / 1e12, 1) == 7.9
+    assert round(bytes_per_image("4-bit") / 1e12, 1) == 2.2

@@ -29,7 +29,8 @@ from mlx_starflow.convert.coreml.compress import WeightCompression
 from mlx_starflow.convert.coreml.coremltools_api import load_program, mb, types
 from mlx_starflow.convert.coreml.export import export_coreml
 from mlx_starflow.convert.coreml.flow import BlockPlan, block_programs, cache_names, step_name, updated_name
-from mlx_starflow.convert.coreml.flow_graph import block_arrays
+from mlx_starflow.convert.coreml.flow_graph import block_arrays, rope_table
+from mlx_starflow.convert.coreml.step_tables import StepTables
 from mlx_starflow.convert.coreml.package import PackageInfo, convert, package_weight_bytes, save_package
 from mlx_starflow.convert.coreml.pipeline import sample
 from mlx_starflow.convert.coreml.text_encoder import text_encoder_program
@@ -45,6 +46,9 @@ COMPRESSED_STEP_BUDGET = {"int8": 2e-2, "int4": 2e-1}
 """Max |Δ| of a compressed float16 block's step outputs against float32 MLX. Measured: float16
 alone 4.9e-4, int8 3.8e-3, int4 6.4e-2 (int8 keeps 8 bits per weight with a scale per output
 channel, int4 4 bits with a scale per block of 32), about 3-5× below each budget."""
+STEP_FLOAT16_BUDGET = 5e-3
+"""Max |Δ| of a float16 stateful deep block's step outputs against float32 MLX. Measured on the
+`step_calls` sequence: split-einsum 9.5e-4, original layout 1.3e-3."""
 COMPRESSED_VJP_BUDGET = {"int8": 0.25, "int4": 2.0}
 """Max |Δ| of a compressed float16 block's score-step `vjp` against the same function in float32,
 on unit-normal tokens and cotangent (outputs up to 5.3). Measured: float16 alone 5.3e-3, int8
@@ -192,6 +196,71 @@ def test_cache_io_twins_match_the_stateful_functions(flow, step_calls, tmp_path:
         np.testing.assert_array_equal(b, b_io)
 
 
+def test_steps_with_table_inputs_match_the_gathering_steps_exactly(flow, step_calls, tmp_path: Path) -> None:
+    """`--step-tables`: the RoPE rows and the mask come in as inputs, computed by the sampler, so the
+    step has no runtime gather; in float32 it gives the old step's outputs bit for bit, in both layouts."""
+    text, calls = step_calls
+    plan = deep_plan()
+    tables = StepTables(*rope_table(flow.config, *plan.grid, plan.text_length, plan.cache_length))
+    for attention in ("original", "split-einsum"):
+        outputs = []
+        for with_tables in (False, True):
+            path = tmp_path / f"{attention}-{with_tables}.mlpackage"
+            save_package(block_programs(flow.config, block_arrays(flow, 5), replace(plan, step_tables=with_tables), 0, attention,
+                                        "float32", "io"), path, info("float32", attention=attention))
+            program = load_program(path)
+            if with_tables:
+                assert not any(op.op_type == "gather" for op in program.functions["step_4"].operations)
+            caches = {name: np.zeros(var.shape, np.float32) for name, var in program.functions["prefill"].inputs.items()
+                      if name.startswith(("key_", "value_"))}
+
+            def call(function: str, inputs: dict) -> dict:
+                out = mil_eval.run(program, {**inputs, **caches}, function=function)
+                caches.update({name: out[updated_name(name)] for name in caches})
+                return out
+
+            call("prefill", {"text": text})
+            results = []
+            for tokens, position in calls:
+                extra = tables.inputs(position, tokens.shape[1]) if with_tables else {}
+                out = call(step_name(tokens.shape[1]), {"tokens": tokens, "position": np.array([position], np.int32), **extra})
+                results.append((out["scale_logit"], out["shift"]))
+            outputs.append(results)
+        for (a, b), (a_tables, b_tables) in zip(*outputs):
+            np.testing.assert_array_equal(a, a_tables)
+            np.testing.assert_array_equal(b, b_tables)
+
+
+def test_step_tables_export_samples_like_the_official_model(fixtures_dir: Path, tmp_path: Path) -> None:
+    """The runner slices the exported table and builds the mask per call; guided sampling matches the fixture."""
+    sf = fixtures_dir / "starflow"
+    convert_model(sf / "label_model" / "model.pth", sf / "label_model" / "config.yaml", tmp_path / "model")
+    export_coreml(tmp_path / "model", tmp_path / "export", dtype="float32", kv_cache="io", batch_size=2, score_step=False, step_tables=True)
+    backend = EvaluatorBackend(tmp_path / "export")
+    assert all((tmp_path / "export" / b["step_tables"]["file"]).is_file() for b in backend.manifest["flow"]["blocks"])
+    ref = load(sf / "label_model" / "fixtures.safetensors")
+    seq, _ = sample(backend.manifest, backend.block, ref["noise"], ref["y_cfg"], 2.5)
+    for i in range(4):
+        assert max_abs(seq[i], ref[f"g2p5.seq.{i}"]) < SAMPLE_TOL, f"g2p5.seq.{i}"
+
+
+def test_state_fallback_export_names_the_twins(fixtures_dir: Path, tmp_path: Path) -> None:
+    """`--state-fallback`: the manifest maps every sampling function to its cache-IO twin and
+    each cache to its updated output, per block, and the packages hold those functions."""
+    sf = fixtures_dir / "starflow"
+    convert_model(sf / "label_model" / "model.pth", sf / "label_model" / "config.yaml", tmp_path / "model")
+    export_coreml(tmp_path / "model", tmp_path / "export", score_step=False, state_fallback=True)
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    for block in manifest["flow"]["blocks"]:
+        twins = block["cache_io"]
+        assert twins["functions"]["step"] == {size: f"{name}_io" for size, name in block["functions"]["step"].items()}
+        assert ("prefill" in twins["functions"]) == block["has_text"]
+        layers = [layer for group in block["layers"] for layer in group]
+        assert layers and twins["caches"] == {f"{kind}_cache_{layer}": f"new_{kind}_cache_{layer}" for kind in ("key", "value") for layer in layers}
+        functions = set(load_program(tmp_path / "export" / block["package"]).functions)
+        assert set(twins["functions"]["step"].values()) <= functions
+
+
 def test_split_einsum_layout_matches_original(flow, step_calls, tmp_path: Path) -> None:
     plan = deep_plan()
     arrays = block_arrays(flow, 5)
@@ -205,6 +274,18 @@ def test_split_einsum_layout_matches_original(flow, step_calls, tmp_path: Path) 
     text, calls = step_calls
     for (a, b), (a_ref, b_ref) in zip(run_steps(program, flow, plan, "io", text, calls), mlx_steps(flow, text, plan, calls)):
         assert max(max_abs(a, a_ref), max_abs(b, b_ref)) < STEP_TOL
+
+
+def test_split_einsum_float16_with_the_stateful_cache(flow, step_calls, tmp_path: Path) -> None:
+    """The Neural Engine layout as shipped: float16 weights and compute, the KV cache as float16
+    Core ML state, prefill then 1- and 4-token steps (a rewritten chunk included) against float32 MLX."""
+    plan = deep_plan()
+    save_package(block_programs(flow.config, block_arrays(flow, 5), plan, 0, "split-einsum", "float16", "state"),
+                 tmp_path / "ane16.mlpackage", info("float16", attention="split-einsum"))
+    program = load_program(tmp_path / "ane16.mlpackage")
+    text, calls = step_calls
+    for (a, b), (a_ref, b_ref) in zip(run_steps(program, flow, plan, "state", text, calls), mlx_steps(flow, text, plan, calls)):
+        assert max(max_abs(a, a_ref), max_abs(b, b_ref)) < STEP_FLOAT16_BUDGET
 
 
 def test_ios_export_splits_the_deep_block_under_the_limit(fixtures_dir: Path, tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def test_several_images_non_square_into_a_folder(models, tmp_path, capsys):
 def test_prompts_file_keeps_the_model_loaded_and_grids(models, tmp_path, capsys, monkeypatch):
     loads = []
     real_load = generate_command.load
-    monkeypatch.setattr(generate_command, "load", lambda folder: loads.append(folder) or real_load(folder))
+    monkeypatch.setattr(generate_command, "load", lambda folder, **options: loads.append(folder) or real_load(folder, **options))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("cat\n\nship\ndog\n")
     out_dir = tmp_path / "grids"

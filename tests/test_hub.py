@@ -120,7 +120,7 @@ def test_other_t5_weight_layouts(env, fixtures_dir, layout):
     for repo_id, repo in files.items():
         put_repo(env / "hub", repo_id, repo)
     folder, _ = resolve(offline=True)
-    assert load(folder).condition.encoder.config.d_model == 32
+    assert load(folder).condition.get().encoder.config.d_model == 32
 
 
 def sharded_t5(fixtures_dir: Path, shards: tuple[int, ...] = (1, 2)) -> dict[str, Path]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import weakref
 
 import mlx.core as mx
 import numpy as np
@@ -22,7 +23,10 @@ from mlx_starflow.config import FlowConfig
 from mlx_starflow.errors import ConfigError, InputError, ModelNotFound
 from mlx_starflow.image import decoded_to_uint8, pil_to_uint8
 from mlx_starflow.labels import UnknownLabel
-from mlx_starflow.pipeline import ENCODE_CHUNK, MAX_SEED, check_sampling, check_seed, check_seeds, default_batch_size, seeded_noise
+from mlx_starflow.model_folder import LazyTextEncoder
+from mlx_starflow.pipeline import (ENCODE_CHUNK, MAX_SEED, check_sampling, check_seed, check_seeds, default_batch_size,
+                                   parameter_bytes, seeded_noise)
+from mlx_starflow.text_encoder import TextEncoder
 from mlx_starflow.samplers import Jacobi, Sequential
 
 SAMPLE_TOL = 2e-4
@@ -300,3 +304,50 @@ def test_loading_refuses_what_is_not_a_complete_model(folders, tmp_path):
     (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(ConfigError, match="incompatible"):
         load(old)
+
+
+def test_the_text_encoder_is_released_before_sampling_and_images_are_unchanged(folders, monkeypatch):
+    """Default `load`: T5 is read for the encoding and released before the first flow step; a
+    second call reads it again; the images equal those of a pipeline that keeps it."""
+    pipe = load(folders / "text")
+    assert isinstance(pipe.condition, LazyTextEncoder) and not pipe.condition.held
+    held_while_sampling = []
+    real_sample = pipe.flow.iter_sample
+
+    def spy(*args, **kwargs):
+        held_while_sampling.append(pipe.condition.held)
+        yield from real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.flow, "iter_sample", spy)
+    settings = {"seed": 3, "sampler": Sequential(), "batch_size": 1}
+    released = [pipe.generate(["a cat", "a dog"], **settings), pipe.generate(["a cat", "a dog"], **settings)]
+    assert held_while_sampling == [False] * 4 and not pipe.condition.held
+    kept = load(folders / "text", keep_text_encoder=True)
+    encoder = kept.condition
+    assert isinstance(encoder, TextEncoder)
+    expected = [pil_to_uint8(image) for image in kept.generate(["a cat", "a dog"], **settings)]
+    assert kept.condition is encoder
+    for images in released:
+        assert all(np.array_equal(pil_to_uint8(image), want) for image, want in zip(images, expected))
+
+
+def test_releasing_the_text_encoder_frees_its_weights(folders):
+    pipe = load(folders / "text")
+    encoder = pipe.condition.get()
+    mx.eval(encoder.encoder.parameters())
+    weights = parameter_bytes(encoder.encoder)
+    gone = weakref.ref(encoder)
+    del encoder
+    holding = mx.get_active_memory()
+    states, _ = pipe.encode_distinct(["a cat", ""])
+    assert states.shape == (2, 16, 32)
+    assert gone() is None and not pipe.condition.held
+    assert holding + states.nbytes - mx.get_active_memory() >= weights > 0
+
+
+def test_the_text_encoder_is_released_when_encoding_fails(folders, monkeypatch):
+    pipe = load(folders / "text")
+    monkeypatch.setattr(TextEncoder, "encode", lambda self, prompts, length: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        pipe.encode(["a cat"])
+    assert not pipe.condition.held

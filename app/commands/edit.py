@@ -16,7 +16,7 @@ from mlx_starflow.editing import edit as edit_image
 from mlx_starflow.errors import InputError
 from mlx_starflow.pipeline import check_seed
 
-from ..options import FIRST_RUN_DTYPE, Dtype, Force, Guidance, Height, Model, Offline, Quantize, Seed, Width
+from ..options import FIRST_RUN_DTYPE, Dtype, Force, Guidance, Height, Model, Offline, Quantize, Seed, Width, utf8_text
 from .noise_tools import Denoise, JacobiFlag, check_image_path, load_pipeline, note, png_targets, sampler, stderr, write_results
 
 
@@ -32,8 +32,8 @@ def parse_keep(keep: str | None) -> int | float | None:
 
 def edit(
     image: Path = typer.Argument(..., help="The image to edit (PNG, JPEG, …); centre-cropped and resized to the model's size."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The new prompt (a class name for a label model)."),
-    source_prompt: str = typer.Option("", "--source-prompt", help="What the image shows now; the inversion runs under it (default \"\": unconditional)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", callback=utf8_text, help="The new prompt (a class name for a label model)."),
+    source_prompt: str = typer.Option("", "--source-prompt", callback=utf8_text, help="What the image shows now; the inversion runs under it (default \"\": unconditional)."),
     keep: Optional[str] = typer.Option(None, "--keep", "-k", help="Keep the first K tokens of the deep block's noise (a count, or a fraction such as 0.5) and redraw the rest from --seed (default: keep all)."),
     guidance: Guidance = 0.0,
     seed: Seed = None,

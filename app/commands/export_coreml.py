@@ -30,6 +30,8 @@ def export_coreml(
     compile: bool = typer.Option(False, "--compile", help="Also write each package compiled (.mlmodelc) for an app to bundle; macOS only."),
     state_fallback: bool = typer.Option(False, "--state-fallback",
                                         help="Also export the sampling functions with the KV cache as inputs/outputs, for devices that refuse a shared state."),
+    step_tables: bool = typer.Option(False, "--step-tables",
+                                     help="Steps take their RoPE rows and causal mask as inputs (no runtime gather; for the Neural Engine)."),
     vae_encoder: bool = typer.Option(False, "--vae-encoder", help="Also export the VAE encoder (image → latent)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
@@ -40,5 +42,5 @@ def export_coreml(
         folder = export(model, out, dtype=dtype, compress=compress, attention=attention, target=target, width=width,
                         height=height, jacobi_block_sizes=tuple(jacobi_block_size), batch_size=batch_size, score_step=score_step,
                         vae_encoder=vae_encoder, force=force, compile=compile,
-                        state_fallback=state_fallback, progress=progress)
+                        state_fallback=state_fallback, step_tables=step_tables, progress=progress)
     typer.echo(f"wrote {folder}")

@@ -29,7 +29,8 @@ from mlx_starflow.samplers import Jacobi, Sampler, Sequential
 
 from ..inputs import check_text, read_lines
 from ..limits import MAX_BATCH, MAX_IMAGES, check_grid, check_image_count
-from ..options import FIRST_RUN_DTYPE, Dtype, Force, Guidance, Height, Model, Offline, Quantize, Seed, Width, check_batch_size, finite, image_count
+from ..options import (FIRST_RUN_DTYPE, Bfloat16Rope, Dtype, Float32Compute, Force, Guidance, Height, Model, Offline, Quantize, Seed,
+                       Width, check_batch_size, finite, image_count)
 from ..outputs import plan_outputs, write_image
 from ..progress import make_progress
 from .noise_tools import check_aspect_ratio, image_size, noise_row_metadata, read_noise_option
@@ -61,6 +62,8 @@ def generate(
                                              help=f"Images sampled together, across prompts, at most {MAX_BATCH} (default: what fits in memory, at most 8)."),
     denoise: Optional[str] = typer.Option(None, "--denoise", help="score (one score step), decoder (the fine-tuned decoder) or none (default: decoder if the model has one, else score)."),
     denoise_lr: float = typer.Option(1.0, "--denoise-lr", callback=finite, help="Step size of the score-step denoise, x + lr·σ²·∇log p(x) (official self_denoising_lr); 1 is the Tweedie step."),
+    bfloat16_rope: Bfloat16Rope = False,
+    float32_compute: Float32Compute = False,
     dtype: Dtype = FIRST_RUN_DTYPE,
     quantize: Quantize = None,
     offline: Offline = False,
@@ -80,7 +83,7 @@ def generate(
     first_seed = check_seed(seed, num_images)
     sampler = make_sampler(jacobi, jacobi_block_size, jacobi_threshold, jacobi_max_iter, jacobi_coupled, attn_temp)
     check_sampling(guidance, denoise, denoise_lr)
-    given = read_noise_option(noise_file, num_images, width, height, aspect_ratio)
+    given = read_noise_option(noise_file, num_images, len(prompts), width, height, aspect_ratio)
     seeds = [first_seed + i for i in range(num_images)] if given is None else list(range(given.noise.shape[0]))
     targets = plan_outputs(output, prompts, seeds, grid, force)
 
@@ -89,7 +92,7 @@ def generate(
     with conversion_bar() as progress:
         folder = resolve_model(model, dtype, quantize, offline, notify=lambda message: stderr.print(message, soft_wrap=True),
                                progress=progress, text_encoder=text_encoder, vae=vae, decoder=decoder)
-    pipeline = load(folder)
+    pipeline = load(folder, bfloat16_rope=bfloat16_rope, float32_compute=float32_compute)
     size = image_size(pipeline, width, height, aspect_ratio, given, noise_file)
     columns = num_images if num_images > 1 else math.ceil(math.sqrt(len(prompts)))
     if grid:

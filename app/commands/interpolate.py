@@ -18,15 +18,15 @@ from mlx_starflow.errors import InputError
 from mlx_starflow.image import make_grid, pil_to_uint8
 
 from ..limits import MAX_IMAGES, check_at_most
-from ..options import FIRST_RUN_DTYPE, Dtype, Force, Guidance, Height, Model, Offline, Quantize, Width, check_batch_size, image_count
+from ..options import FIRST_RUN_DTYPE, Dtype, Force, Guidance, Height, Model, Offline, Quantize, Width, check_batch_size, check_seeds, image_count, utf8_text
 from ..outputs import write_image
 from .noise_tools import Denoise, JacobiFlag, check_image_path, load_pipeline, note, png_targets, sampler
 
 
 def interpolate(
-    seeds: Optional[tuple[int, int]] = typer.Option(None, "--seeds", help="Two seeds: the ends are their noises."),
+    seeds: Optional[tuple[int, int]] = typer.Option(None, "--seeds", callback=check_seeds, help="Two seeds: the ends are their noises."),
     images: Optional[tuple[Path, Path]] = typer.Option(None, "--images", help="Two images: the ends are their inverted noises."),
-    prompt: str = typer.Option("", "--prompt", "-p", help="The prompt every frame is sampled under (and the images inverted under)."),
+    prompt: str = typer.Option("", "--prompt", "-p", callback=utf8_text, help="The prompt every frame is sampled under (and the images inverted under)."),
     steps: int = typer.Option(8, "--steps", callback=image_count, help="Frames, the two ends included (at least 2)."),
     guidance: Guidance = 0.0,
     output: Path = typer.Option(Path("interpolation.png"), "--output", "-o", help="The strip .png; frames go to <name>-1.png … unless --no-frames."),

@@ -15,13 +15,14 @@ from mlx_starflow.editing import invert as invert_images, round_trip_error
 from mlx_starflow.errors import InputError, OutputExists
 from mlx_starflow.noise_file import noise_metadata, save_noise
 
-from ..options import FIRST_RUN_DTYPE, Dtype, Force, Height, Model, Offline, Quantize, Width
+from ..options import FIRST_RUN_DTYPE, Dtype, Force, Height, Model, Offline, Quantize, Width, utf8_text
+from ..outputs import check_writable
 from .noise_tools import JacobiFlag, check_image_path, load_pipeline, note, sampler
 
 
 def invert(
     image: Path = typer.Argument(..., help="The image file (PNG, JPEG, …); centre-cropped and resized to the model's size."),
-    prompt: str = typer.Option("", "--prompt", "-p", help="The prompt to invert under (a class name for a label model); \"\" = unconditional."),
+    prompt: str = typer.Option("", "--prompt", "-p", callback=utf8_text, help="The prompt to invert under (a class name for a label model); \"\" = unconditional."),
     out: Path = typer.Option(..., "--out", "-o", help="The noise file to write (.safetensors); never replaced without --force."),
     model: Model = None,
     width: Width = None,
@@ -39,6 +40,7 @@ def invert(
         raise InputError(f"--out {out} must end in .safetensors")
     if out.exists() and not force:
         raise OutputExists(f"{out} already exists; pass --force to replace it or choose another --out")
+    check_writable(out.parent, "--out")
     pipeline = load_pipeline(model, dtype, quantize, offline)
     note(pipeline, [prompt])
     inversion = invert_images(pipeline, [image], [prompt], width, height)

@@ -17,6 +17,7 @@ from mlx_starflow.noise_file import NoiseFile, check_noise, load_noise
 from mlx_starflow.pipeline import GeneratedImage, StarFlowPipeline, load
 from mlx_starflow.samplers import Jacobi, Sampler, Sequential
 
+from ..limits import check_image_count
 from ..outputs import Target, check_writable, explicit, write_image
 
 stderr = Console(stderr=True, highlight=False)
@@ -76,17 +77,19 @@ def check_aspect_ratio(value: Optional[str]) -> Optional[str]:
     return value
 
 
-def read_noise_option(noise_file: Path | None, num_images: int, width: int | None, height: int | None,
+def read_noise_option(noise_file: Path | None, num_images: int, prompts: int, width: int | None, height: int | None,
                       aspect_ratio: str | None) -> NoiseFile | None:
     """The --noise file, read before any model is loaded; its rows are the images, so -n and a
-    size preset do not apply."""
+    size preset do not apply, and rows × prompts count against the images per run."""
     if noise_file is None:
         return None
     if num_images != 1:
         raise InputError("--noise gives one image per noise row and prompt; drop -n/--num-images")
     if aspect_ratio is not None:
         raise InputError("--noise fixes the image size; drop --aspect-ratio")
-    return load_noise(noise_file)
+    given = load_noise(noise_file)
+    check_image_count(prompts * given.noise.shape[0], "noise rows × prompts")
+    return given
 
 
 def image_size(pipeline: StarFlowPipeline, width: int | None, height: int | None, aspect_ratio: str | None,

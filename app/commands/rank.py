@@ -16,20 +16,18 @@ import typer
 from mlx_starflow.errors import InputError
 from mlx_starflow.ranking import DEFAULT_PAIR_BATCH, rank as rank_captions
 
+from ..inputs import check_text, read_lines
+from ..limits import check_pairs
 from ..options import FIRST_RUN_DTYPE, Dtype, Height, Model, Offline, Quantize, Width, check_batch_size
 from .noise_tools import check_image_path, load_pipeline, note
 
 
 def read_captions(values: list[str] | None, file: Path | None, what: str = "caption", flag: str = "--caption") -> list[str]:
-    """The option's values then the file's non-blank lines, in that order; at least one in all."""
-    found = list(values or [])
+    """The option's values then the file's non-blank lines, in that order; at least one in all.
+    The file is read as `generate` reads prompts: a bounded regular UTF-8 file."""
+    found = [check_text(value, flag) for value in values or []]
     if file is not None:
-        try:
-            found += [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"cannot read {what}s from {file} ({e.__class__.__name__}); pass a UTF-8 text file, one {what} per line") from None
-        if not found:
-            raise InputError(f"{file} holds no {what}s; write one {what} per line")
+        found += read_lines(file, what)
     if not found:
         raise InputError(f"give {what}s with {flag} TEXT (repeatable) or a file of them")
     return found
@@ -51,6 +49,7 @@ def rank(
     """Rank captions for an image by likelihood: the most probable first, in bits per dimension."""
     check_image_path(image)
     captions = read_captions(caption, captions_file)
+    check_pairs(len(captions), "captions")
     pipeline = load_pipeline(model, dtype, quantize, offline)
     note(pipeline, captions)
     ranked = rank_captions(pipeline, image, captions, width, height, batch_size or DEFAULT_PAIR_BATCH)

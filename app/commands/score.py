@@ -22,6 +22,8 @@ from mlx_starflow.pipeline import load
 from mlx_starflow.ranking import DEFAULT_PAIR_BATCH, score as score_pairs
 from mlx_starflow.sampling import LOG2_PIXEL_SCALE
 
+from ..inputs import check_text
+from ..limits import check_pairs
 from ..options import FIRST_RUN_DTYPE, Dtype, Height, Model, Offline, Quantize, Width, check_batch_size
 from .rank import read_captions
 
@@ -36,7 +38,7 @@ def split_arguments(arguments: list[str], prompts: list[str] | None, prompts_fil
         return [Path(a) for a in arguments], read_captions(prompts, prompts_file, "prompt", "--prompt")
     last = Path(arguments[-1])
     if len(arguments) > 1 and not last.exists() and last.suffix.lower() not in IMAGE_SUFFIXES:
-        return [Path(a) for a in arguments[:-1]], [arguments[-1]]
+        return [Path(a) for a in arguments[:-1]], [check_text(arguments[-1], "the prompt")]
     return [Path(a) for a in arguments], [""]
 
 
@@ -55,6 +57,7 @@ def score(
 ) -> None:
     """Print each image's bits per dimension under each prompt (lower = more likely), resized to the model's size."""
     images, prompts = split_arguments(arguments, prompt, prompts_file)
+    check_pairs(len(images) * len(prompts), "(image, prompt) pairs")
     pixels = [read_image(image) for image in images]
     folder = resolve_model(model, dtype, quantize, offline, notify=lambda message: stderr.print(message, soft_wrap=True))
     pipeline = load(folder)

@@ -16,7 +16,7 @@ from mlx_starflow.noise_ops import check_strength
 from mlx_starflow.pipeline import check_seed
 
 from ..limits import MAX_IMAGES, check_at_most
-from ..options import FIRST_RUN_DTYPE, Dtype, Force, Guidance, Height, Model, Offline, Quantize, Seed, Width, check_batch_size, finite, image_count
+from ..options import FIRST_RUN_DTYPE, Dtype, Force, Guidance, Height, Model, Offline, Quantize, Seed, Width, check_batch_size, finite, image_count, utf8_text
 from .noise_tools import Denoise, JacobiFlag, check_image_path, load_pipeline, note, png_targets, sampler, stderr, write_results
 
 
@@ -24,7 +24,7 @@ def vary(
     image: Path = typer.Argument(..., help="The image to vary (PNG, JPEG, …); centre-cropped and resized to the model's size."),
     num_images: int = typer.Option(4, "--num-images", "-n", callback=image_count, help="How many variations, from seeds SEED, SEED+1, …"),
     strength: float = typer.Option(0.3, "--strength", "-S", callback=finite, help="0 = the image itself, 1 = unrelated samples; the share of fresh noise."),
-    prompt: str = typer.Option("", "--prompt", "-p", help="The prompt to invert and sample under (a class name for a label model); \"\" = unconditional."),
+    prompt: str = typer.Option("", "--prompt", "-p", callback=utf8_text, help="The prompt to invert and sample under (a class name for a label model); \"\" = unconditional."),
     guidance: Guidance = 0.0,
     seed: Seed = None,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="A .png name; -1, -2, … are added for several (default: IMAGE's name with -vary)."),

@@ -21,6 +21,7 @@ from . import mil_eval, score
 from .coremltools_api import ct, load_program, require_prediction, types
 from .flow import updated_name
 from .manifest import read_manifest
+from .step_tables import StepTables
 
 
 class Backend(ABC):
@@ -80,7 +81,8 @@ class PackageBlock:
 
     def _chain(self, function: str, first: dict[str, np.ndarray], label: str) -> dict[str, np.ndarray]:
         hidden = self.entry["hidden"]
-        position = {k: v for k, v in first.items() if k == self.entry["inputs"]["position"]}
+        shared = {self.entry["inputs"]["position"], *self.entry.get("step_tables", {}).get("inputs", {}).values()}
+        position = {k: v for k, v in first.items() if k in shared}
         values = first
         started = time.perf_counter()
         for package, state in zip(self.entry["packages"], self.states):
@@ -96,6 +98,8 @@ class PackageBlock:
         function = self.entry["functions"]["step"][str(tokens.shape[1])]
         inputs = {self.entry["inputs"]["tokens"]: tokens.astype(np.float32),
                   self.entry["inputs"]["position"]: np.array([position], np.int32)}
+        if "step_tables" in self.entry:
+            inputs.update(StepTables.load(self.backend.folder, self.entry).inputs(position, tokens.shape[1]))
         out = self._chain(function, inputs, f"block{self.entry['index']}.{function}")
         return out[self.entry["outputs"]["scale_logit"]], out[self.entry["outputs"]["shift"]]
 

@@ -48,9 +48,10 @@ from .flow import (
     updated_name,
     weight_bytes,
 )
-from .flow_graph import ATTENTION_LAYOUTS, block_arrays
+from .flow_graph import ATTENTION_LAYOUTS, block_arrays, rope_table
 from .manifest import FORMAT, LICENSE, write_manifest
 from .package import HIDDEN_IN, HIDDEN_OUT, PackageInfo, group_layers, package_weight_bytes, save_package
+from .step_tables import MASK, ROPE_COS, ROPE_SIN, StepTables, table_file
 from .text_encoder import ATTENTION_MASK, INPUT_IDS, TEXT_STATES, text_encoder_program
 from .text_encoder import weight_bytes as text_weight_bytes
 from .vae import IMAGE, LATENT, decoder_program, encoder_program
@@ -77,6 +78,7 @@ class ExportOptions:
     max_package_bytes: float | None = None
     compile: bool = False
     state_fallback: bool = False
+    step_tables: bool = False
 
     def check(self) -> None:
         """Every option a user can get wrong, as a one-line `ConfigError` naming the fix."""
@@ -138,6 +140,7 @@ def export_coreml(
     max_package_bytes: float | None = None,
     compile: bool = False,
     state_fallback: bool = False,
+    step_tables: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Export a converted model folder to Core ML packages in `out` (see the module docstring).
@@ -149,10 +152,12 @@ def export_coreml(
     package runs. `compile` (macOS only) also writes each package compiled, as `<name>.mlmodelc`
     beside it, for an app to bundle. `state_fallback` adds every sampling function a twin with
     the caches as inputs/outputs (`cache_io` in the manifest), which the Swift package uses when
-    a device refuses one Core ML state shared by several functions.
+    a device refuses one Core ML state shared by several functions. `step_tables` makes the step
+    functions take their RoPE rows and causal mask as inputs (no runtime gather, for the Neural
+    Engine), with each block's table written beside the packages.
     """
     options = ExportOptions(dtype, compress, attention, target, height, width, tuple(jacobi_block_sizes), batch_size,
-                            score_step, vae_encoder, kv_cache, max_package_bytes, compile, state_fallback)
+                            score_step, vae_encoder, kv_cache, max_package_bytes, compile, state_fallback, step_tables)
     options.check()
     out = Path(out)
     if out.exists() and not force:
@@ -204,8 +209,8 @@ class _Exporter:
         groups = group_layers(self.config.layers_per_block[index], per_layer, outside, self.options.package_limit)
         rows = self.options.batch_size * (2 if block.has_text else 1)
         return BlockPlan(index, block.flipped, block.has_text, rows, self.grid,
-                         self.text_length if block.has_text else 0, chunks, groups, self.options.score_step,
-                         self.options.state_fallback and self.options.kv_cache == "state")
+                         self.text_length if block.has_text else 0, chunks, groups, score=self.options.score_step,
+                         step_tables=self.options.step_tables, cache_io=self.options.state_fallback and self.options.kv_cache == "state")
 
     def write(self, folder: Path) -> None:
         manifest: dict[str, Any] = {
@@ -284,6 +289,10 @@ class _Exporter:
             "hidden": {"input": HIDDEN_IN, "output": HIDDEN_OUT},
             "layers": [list(g) for g in plan.layer_groups],
         }
+        if plan.step_tables:
+            StepTables(*rope_table(self.config, *plan.grid, plan.text_length, plan.cache_length)).write(folder / table_file(plan.index))
+            entry["step_tables"] = {"file": table_file(plan.index), "head_dim": self.config.head_dim,
+                                    "inputs": {"rope_cos": ROPE_COS, "rope_sin": ROPE_SIN, "mask": MASK}}
         caches = {name: updated_name(name) for g in plan.layer_groups for layer in g for name in cache_names(layer)}
         if self.options.kv_cache == "io":
             entry["caches"] = caches

@@ -47,6 +47,7 @@ from .flow_graph import (
     transformer_layer,
 )
 from .package import HIDDEN_IN, HIDDEN_OUT
+from .step_tables import MASK, ROPE_COS, ROPE_SIN
 from .weights import Weights
 
 TOKENS, POSITION, TEXT, SCALE_LOGIT, SHIFT = "tokens", "position", "text", "scale_logit", "shift"
@@ -88,6 +89,8 @@ class BlockPlan:
     layer_groups: tuple[tuple[int, ...], ...]
     score: bool = False
     """Whether the packages carry the score step's `forward` and `vjp` functions."""
+    step_tables: bool = False
+    """Whether the step functions take their RoPE rows and mask as inputs (`step_tables`) instead of gathering them."""
     cache_io: bool = False
     """Whether the packages also carry the sampling functions with the caches as inputs/outputs
     (`io_name`), the fallback for devices that refuse one state shared by several functions."""
@@ -138,10 +141,16 @@ def _inputs(plan: BlockPlan, layout: SequenceLayout, group: int, first_name: str
 
 
 def _run_layers(ops: Ops, layout: SequenceLayout, w: Weights, plan: BlockPlan, group: int, h: Var, positions: Var,
-                position: Var, table: tuple[np.ndarray, np.ndarray], store: CacheStore) -> Var:
-    cos = gather_rope(ops, layout, table[0], positions)
-    sin = gather_rope(ops, layout, table[1], positions)
-    mask = layout.mask(ops, plan.cache_length, positions)
+                position: Var, table: tuple[np.ndarray, np.ndarray], store: CacheStore, given: dict[str, Var] | None = None) -> Var:
+    """`given`: the chunk's RoPE rows and mask as inputs (no gather); else gathered from `table` at `positions`."""
+    if given is not None:
+        cos = layout.rope_rows(ops, ops.to_compute(given[ROPE_COS]))
+        sin = layout.rope_rows(ops, ops.to_compute(given[ROPE_SIN]))
+        mask = layout.mask_input(ops, ops.to_compute(given[MASK]))
+    else:
+        cos = gather_rope(ops, layout, table[0], positions)
+        sin = gather_rope(ops, layout, table[1], positions)
+        mask = layout.mask(ops, plan.cache_length, positions)
 
     def attend(index: int, q: Var, k: Var, v: Var) -> Var:
         keys, values = store.write(index, layout.cache_form(ops, k), layout.cache_form(ops, v), position)
@@ -164,14 +173,18 @@ def step_program(config: FlowConfig, arrays: dict[str, np.ndarray], plan: BlockP
     first, last = group == 0, group == len(plan.layer_groups) - 1
     name, width = (TOKENS, config.token_channels) if first else (HIDDEN_IN, config.channels)
     specs = _inputs(plan, layout, group, name, (plan.rows, chunk, width), kv_cache, ops.dtype, with_position=True)
+    if plan.step_tables:
+        specs.update({ROPE_COS: tensor_spec((chunk, config.head_dim), "fp32"), ROPE_SIN: tensor_spec((chunk, config.head_dim), "fp32"),
+                      MASK: tensor_spec((chunk, plan.cache_length), "fp32")})
     table = rope_table(config, *plan.grid, plan.text_length, plan.cache_length)
 
     def body(v: dict[str, Var]) -> list[Var]:
         w = Weights(ops, arrays, compression)
         store = CacheStore(ops, layout, v, kv_cache)
         position = v[POSITION]
+        given = {name: v[name] for name in (ROPE_COS, ROPE_SIN, MASK)} if plan.step_tables else None
         h = embed_tokens(ops, layout, w, v[TOKENS]) if first else layout.enter(ops, ops.to_compute(v[HIDDEN_IN]))
-        h = _run_layers(ops, layout, w, plan, group, h, query_positions(position, chunk), position, table, store)
+        h = _run_layers(ops, layout, w, plan, group, h, query_positions(position, chunk), position, table, store, given)
         if not last:
             return [_hidden_output(ops, layout, h), *store.outputs]
         a, b = output_head(ops, layout, w, h)

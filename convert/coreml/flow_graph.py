@@ -110,6 +110,10 @@ class SequenceLayout:
     def mask(self, ops: Ops, key_count: int, query_positions: Var) -> Var:
         return ops.causal_mask(key_count, query_positions, keys_axis_last=True)
 
+    def mask_input(self, ops: Ops, mask: Var) -> Var:
+        """A (queries, keys) additive mask given as an input, in this layout's orientation."""
+        return mask
+
     def full_mask(self, ops: Ops, length: int) -> Var:
         return ops.weight(causal_mask_constant(length, ops.np_dtype))
 
@@ -165,6 +169,9 @@ class ChannelsFirstLayout(SequenceLayout):
 
     def mask(self, ops: Ops, key_count: int, query_positions: Var) -> Var:
         return ops.causal_mask(key_count, query_positions, keys_axis_last=False)
+
+    def mask_input(self, ops: Ops, mask: Var) -> Var:
+        return ops.transpose(mask, [1, 0])
 
     def full_mask(self, ops: Ops, length: int) -> Var:
         return ops.weight(causal_mask_constant(length, ops.np_dtype).T)

@@ -6,7 +6,7 @@ enum GenerateCommand {
     static let usage = """
         starflow-swift generate "prompt" --model EXPORT_DIR [--seed N] [--guidance 3.6] [--jacobi | --sequential]
                        [--jacobi-block-size 16] [--jacobi-threshold 0.001] [--jacobi-max-iter 32] [--jacobi-coupled]
-                       [--no-denoise]
+                       [--no-denoise] [--reduce-memory]
                        [--output starflow.png] [--compute-units cpuAndGPU|all|cpuAndNeuralEngine|cpuOnly]
         """
 
@@ -15,6 +15,7 @@ enum GenerateCommand {
         let model: URL
         let output: URL
         let computeUnits: ComputeUnits
+        let reduceMemory: Bool
         let configuration: GenerationConfiguration
     }
 
@@ -22,7 +23,7 @@ enum GenerateCommand {
         let parsed = try ParsedArguments(
             arguments,
             options: ["model", "seed", "guidance", "jacobi-block-size", "jacobi-threshold", "jacobi-max-iter", "output", "compute-units"],
-            flags: ["jacobi", "sequential", "jacobi-coupled", "no-denoise"])
+            flags: ["jacobi", "sequential", "jacobi-coupled", "no-denoise", "reduce-memory"])
         let prompt = try parsed.single("prompt")
         guard let model = parsed.string("model") else { throw UsageError("--model is required (a folder written by `starflow export-coreml`)") }
         guard !(parsed.has("jacobi") && parsed.has("sequential")) else { throw UsageError("choose one of --jacobi and --sequential") }
@@ -40,7 +41,7 @@ enum GenerateCommand {
         configuration.denoise = !parsed.has("no-denoise")
         return Request(prompt: prompt, model: URL(fileURLWithPath: model),
                        output: URL(fileURLWithPath: parsed.string("output") ?? "starflow.png"),
-                       computeUnits: units, configuration: configuration)
+                       computeUnits: units, reduceMemory: parsed.has("reduce-memory"), configuration: configuration)
     }
 
     /// `--sequential`, or Jacobi (the default) with the `--jacobi-*` settings; a Jacobi setting
@@ -61,7 +62,8 @@ enum GenerateCommand {
     static func run(_ arguments: [String], output: @escaping (String) -> Void) async throws {
         let request = try parse(arguments)
         #if canImport(CoreML)
-        let pipeline = try await StarFlowPipeline.load(resourcesAt: request.model, computeUnits: request.computeUnits)
+        let pipeline = try await StarFlowPipeline.load(resourcesAt: request.model, computeUnits: request.computeUnits,
+                                                       reduceMemory: request.reduceMemory)
         var lastBlock = -1
         let generated = try pipeline.generate(prompt: request.prompt, configuration: request.configuration) { progress in
             if progress.block != lastBlock || progress.tokensDone == progress.tokensTotal {

@@ -32,9 +32,11 @@ struct CommandLineToolTests {
         let request = try GenerateCommand.parse([
             "a red panda", "--model", "/models/export", "--seed", "7", "--guidance", "2.5", "--jacobi-coupled",
             "--no-denoise", "--output", "panda.png", "--compute-units", "cpuAndNeuralEngine", "--jacobi-block-size", "8",
+            "--reduce-memory",
         ])
         #expect(request.prompt == "a red panda" && request.model.path == "/models/export" && request.output.lastPathComponent == "panda.png")
-        #expect(request.computeUnits == .cpuAndNeuralEngine)
+        #expect(request.computeUnits == .cpuAndNeuralEngine && request.reduceMemory)
+        #expect(try GenerateCommand.parse(["x", "--model", "m"]).reduceMemory == false)
         #expect(request.configuration == GenerationConfiguration(
             seed: 7, sampling: SamplingConfiguration(guidance: 2.5, method: .jacobi(blockSize: 8, coupled: true)), denoise: false))
         #expect(try GenerateCommand.parse(["x", "--model", "m"]).configuration == GenerationConfiguration())

@@ -43,6 +43,7 @@ public final class CoreMLFlowBlock: FlowBlock, LikelihoodBlock, ResourceManaging
     public var maxChunkSize: Int { spec.stepFunctions.last?.size ?? 0 }
 
     private let manifest: ExportManifest
+    private let tables: StepTables?
     private let sampling: ManagedResource<Sampling>
     private let scoring: ManagedResource<[ScoringPart]>
     /// Per package: its Core ML state (shared mode) or its caches (cache-IO mode), made by `reset`.
@@ -52,9 +53,11 @@ public final class CoreMLFlowBlock: FlowBlock, LikelihoodBlock, ResourceManaging
     /// How the block keeps its cache on this device (loads the block to find out).
     public func stateMode() throws -> StateMode { try sampling.perform { $0.mode } }
 
-    init(packages: [CoreMLPackage], spec: ExportManifest.Block, manifest: ExportManifest, computeUnits: ComputeUnits) {
+    /// `tables`: the block's RoPE table when its steps take their RoPE rows and mask as inputs (`--step-tables`).
+    init(packages: [CoreMLPackage], spec: ExportManifest.Block, manifest: ExportManifest, computeUnits: ComputeUnits, tables: StepTables?) {
         self.spec = spec
         self.manifest = manifest
+        self.tables = tables
         sampling = ManagedResource(name: "\(spec.package) sampling") {
             let shared = try Self.samplingParts(packages, spec: spec, manifest: manifest, computeUnits: computeUnits, cacheIO: false)
             let mode = try StateMode.select(for: spec) { try Self.probeSharedState(shared[0]) }
@@ -178,8 +181,14 @@ public final class CoreMLFlowBlock: FlowBlock, LikelihoodBlock, ResourceManaging
             let model = try Self.model(firstSteps, size: size)
             let padded = Self.padded(tokens, to: size)
             let inputs = [spec.inputs.tokens: try MLMultiArray.make(padded, dataType: CoreMLPackage.dataType(of: model, input: spec.inputs.tokens))]
-            let position = [spec.inputs.position: try MLMultiArray.make(int32: [Int32(position)], shape: [1])]
-            let result = try runChain(parts, first: inputs, shared: position) { try Self.model($0.steps, size: size) }
+            var shared = [spec.inputs.position: try MLMultiArray.make(int32: [Int32(position)], shape: [1])]
+            if let tables, let names = spec.stepTables?.inputs {
+                let rows = try tables.inputs(position: position, count: size)
+                for (name, tensor) in [(names.ropeCos, rows.cos), (names.ropeSin, rows.sin), (names.mask, rows.mask)] {
+                    shared[name] = try MLMultiArray.make(tensor, dataType: CoreMLPackage.dataType(of: model, input: name))
+                }
+            }
+            let result = try runChain(parts, first: inputs, shared: shared) { try Self.model($0.steps, size: size) }
             let last = parts[parts.count - 1].path
             let scaleLogit = try readOutput(spec.outputs.scaleLogit, of: result, path: last)
             let shift = try readOutput(spec.outputs.shift, of: result, path: last)

@@ -118,6 +118,31 @@ public struct ExportManifest: Decodable, Sendable, Equatable {
             public let caches: [String: String]
         }
 
+        /// `--step-tables`: the step functions take their RoPE rows and causal mask as inputs; the
+        /// table (cos rows, then sin rows, float32 little-endian, cache length × head_dim) is `file`.
+        public struct StepTablesSpec: Decodable, Sendable, Equatable {
+            public struct Inputs: Decodable, Sendable, Equatable {
+                public let ropeCos: String
+                public let ropeSin: String
+                public let mask: String
+
+                enum CodingKeys: String, CodingKey {
+                    case mask
+                    case ropeCos = "rope_cos"
+                    case ropeSin = "rope_sin"
+                }
+            }
+
+            public let file: String
+            public let headDim: Int
+            public let inputs: Inputs
+
+            enum CodingKeys: String, CodingKey {
+                case file, inputs
+                case headDim = "head_dim"
+            }
+        }
+
         public let index: Int
         public let package: String
         /// The block's packages in order when it is split by layers (each passes `hidden` on).
@@ -137,10 +162,12 @@ public struct ExportManifest: Decodable, Sendable, Equatable {
         /// The layers of each package, in order (absent in older manifests: one package).
         public let layers: [[Int]]?
         public let cacheIO: CacheIO?
+        public let stepTables: StepTablesSpec?
 
         enum CodingKeys: String, CodingKey {
             case index, package, packages, hidden, flipped, rows, tokens, sos, functions, inputs, outputs, layers
             case cacheIO = "cache_io"
+            case stepTables = "step_tables"
             case hasText = "has_text"
             case tokenChannels = "token_channels"
             case textLength = "text_length"

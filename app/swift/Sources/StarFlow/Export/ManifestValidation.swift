@@ -6,7 +6,7 @@ import Foundation
 extension ExportManifest {
     /// Every package and data file the manifest names, relative to the export folder.
     public var requiredFiles: [String] {
-        var files = flow.blocks.flatMap(\.packageChain)
+        var files = flow.blocks.flatMap(\.packageChain) + flow.blocks.compactMap { $0.stepTables?.file }
         if let textEncoder { files += textEncoder.packageChain }
         if let tokenizer = condition?.tokenizer { files.append(tokenizer) }
         if let vae { files.append(vae.package) }

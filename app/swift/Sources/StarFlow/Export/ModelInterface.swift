@@ -59,7 +59,13 @@ extension ExportManifest {
         let outputs = part == block.packageChain.count - 1
             ? [block.outputs.scaleLogit: tokens, block.outputs.shift: tokens]
             : [block.hidden?.output ?? "": hidden]
-        return ModelInterface(inputs: [input.0: input.1, block.inputs.position: [1]], outputs: outputs)
+        var inputs: [String: [Int?]] = [input.0: input.1, block.inputs.position: [1]]
+        if let tables = block.stepTables {
+            inputs[tables.inputs.ropeCos] = [chunk, tables.headDim]
+            inputs[tables.inputs.ropeSin] = [chunk, tables.headDim]
+            inputs[tables.inputs.mask] = [chunk, block.cacheLength]
+        }
+        return ModelInterface(inputs: inputs, outputs: outputs)
     }
 
     /// The prefill function of package `part` of the deep block: the condition states, or the

@@ -38,7 +38,9 @@ public final class StarFlowPipeline: @unchecked Sendable {
         }
         var blocks: [any StarFlowGenerator.Block] = []
         for spec in manifest.flow.blocks {
-            blocks.append(CoreMLFlowBlock(packages: try await packages(spec.packageChain), spec: spec, manifest: manifest, computeUnits: computeUnits))
+            let tables = spec.stepTables == nil ? nil : try StepTables(block: spec, folder: folder)
+            blocks.append(CoreMLFlowBlock(packages: try await packages(spec.packageChain), spec: spec, manifest: manifest,
+                                          computeUnits: computeUnits, tables: tables))
         }
         var encoder: (any ConditionEncoding)?
         if let condition = manifest.condition, condition.kind == "labels" {

@@ -1,0 +1,329 @@
+"""Hostile inputs across the commands: each is refused with one `error:` line and exit 1, before
+any model is loaded where the input can be checked first, and leaves the disk as it was.
+
+The cases are the ones a sweep of every command with bad files and values found wanting: caption
+and prompt files that are FIFOs, devices, folders, not UTF-8 or too big; prompts that are not
+UTF-8 on the command line; counts that only multiply past a limit (noise rows × prompts, images ×
+prompts, captions); noise files holding NaN; seeds out of range; zips that declare millions of
+entries; converted weights damaged in place before `export-pth`; a noise file on a read-only disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+import mlx_starflow.app.commands.edit as edit_command
+import mlx_starflow.app.commands.generate as generate_command
+import mlx_starflow.app.commands.interpolate as interpolate_command
+import mlx_starflow.app.commands.invert as invert_command
+import mlx_starflow.app.commands.rank as rank_command
+import mlx_starflow.app.commands.score as score_command
+import mlx_starflow.app.commands.vary as vary_command
+import mlx_starflow.app.inputs as inputs
+from mlx_starflow.app.cli import main
+from mlx_starflow.app.limits import MAX_IMAGES, MAX_PAIRS
+from mlx_starflow.convert.pth_reader import MAX_ZIP_DIRECTORY_BYTES, MAX_ZIP_ENTRIES, open_pth
+from mlx_starflow.convert.safetensors_io import safetensors_metadata
+from mlx_starflow.errors import WeightsError
+from mlx_starflow.noise_file import save_noise
+
+NOT_UTF8 = "caf\udce9"
+"""What Python makes of the Latin-1 bytes `caf\\xe9` on a UTF-8 command line (surrogateescape)."""
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_error_line(code: int, err: str, *fragments: str) -> None:
+    assert code == 1, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.strip().startswith("error: "), err
+    assert "Traceback" not in err and "internal error" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading or fetching a model fails the test: these inputs must be refused before that."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    for module in (generate_command, score_command):
+        monkeypatch.setattr(module, "resolve_model", refuse)
+    for module in (rank_command, invert_command, edit_command, vary_command, interpolate_command):
+        monkeypatch.setattr(module, "load_pipeline", refuse)
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A small image, and text files of every bad kind, in a folder of their own."""
+    root = tmp_path / "in"
+    root.mkdir()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(root / "image.png")
+    os.mkfifo(root / "fifo")
+    (root / "folder").mkdir()
+    (root / "latin1.txt").write_bytes(b"caf\xe9 au lait\n")
+    (root / "blank.txt").write_text("\n  \n\t\n")
+    (root / "big.txt").write_text("a cat\n" * 100)
+    return root
+
+
+# ---- caption and prompt files: the same bounded UTF-8 reader as generate's prompts ----------------
+
+
+TEXT_FILES = [
+    ("fifo", "is not a regular file"),
+    ("folder", "is not a regular file"),
+    ("/dev/zero", "is not a regular file"),
+    ("missing.txt", "is not a regular file"),
+    ("latin1.txt", "is not UTF-8 text"),
+    ("blank.txt", "holds no"),
+    ("big.txt", "is larger than the"),
+]
+
+
+def _file_option(files: Path, name: str) -> Path:
+    return Path(name) if name.startswith("/") else files / name
+
+
+@pytest.mark.parametrize("name,fragment", TEXT_FILES)
+@pytest.mark.parametrize("command", ["rank", "score"])
+def test_caption_and_prompt_files_are_read_with_bounds(no_model, monkeypatch, capsys, files, command, name, fragment):
+    monkeypatch.setattr(inputs, "MAX_PROMPTS_FILE_BYTES", 256)
+    before = snapshot(files)
+    file = _file_option(files, name)
+    args = (["rank", files / "image.png", "--captions", file] if command == "rank"
+            else ["score", files / "image.png", "--prompts-file", file])
+    code, out, err = run(capsys, *args)
+    one_error_line(code, err, str(file), fragment)
+    assert out == ""
+    assert snapshot(files) == before
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["rank", "{image}", "--caption", NOT_UTF8], "--caption"),
+    (["score", "{image}", NOT_UTF8], "the prompt"),
+    (["score", "{image}", "--prompt", NOT_UTF8], "--prompt"),
+    (["invert", "{image}", "--prompt", NOT_UTF8, "--out", "{out}/noise.safetensors"], "--prompt"),
+    (["edit", "{image}", "--prompt", NOT_UTF8, "--output", "{out}/edit.png"], "--prompt"),
+    (["edit", "{image}", "--prompt", "a dog", "--source-prompt", NOT_UTF8, "--output", "{out}/edit.png"], "--source-prompt"),
+    (["vary", "{image}", "--prompt", NOT_UTF8, "--output", "{out}/vary.png"], "--prompt"),
+    (["interpolate", "--seeds", "1", "2", "--prompt", NOT_UTF8, "--output", "{out}/strip.png"], "--prompt"),
+])
+def test_prompts_that_are_not_utf8_are_refused_before_loading(no_model, capsys, files, tmp_path, args, flag):
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run(capsys, *[a.format(image=files / "image.png", out=out) for a in args])
+    one_error_line(code, err, flag, "not valid UTF-8")
+    assert list(out.iterdir()) == []
+
+
+# ---- counts that multiply past a limit -----------------------------------------------------------
+
+
+def test_rank_caps_the_number_of_captions(no_model, capsys, files):
+    captions = files / "captions.txt"
+    captions.write_text("".join(f"caption {i}\n" for i in range(MAX_PAIRS + 1)))
+    code, out, err = run(capsys, "rank", files / "image.png", "--captions", captions)
+    one_error_line(code, err, "captions", f"{MAX_PAIRS + 1}", f"{MAX_PAIRS:,}")
+    assert out == ""
+
+
+def test_score_caps_images_times_prompts(no_model, capsys, files):
+    prompts = files / "prompts.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(MAX_PAIRS // 2 + 1)))
+    code, out, err = run(capsys, "score", files / "image.png", files / "image.png", "--prompts-file", prompts)
+    one_error_line(code, err, "(image, prompt) pairs", f"{MAX_PAIRS:,}")
+    assert out == ""
+
+
+def _noise_file(path: Path, rows: int, value: float = 0.0) -> Path:
+    save_noise(path, mx.full((rows, 4, 1, 1), value, dtype=mx.float32), {"format": "starflow.noise"})
+    return path
+
+
+def test_generate_counts_noise_rows_times_prompts(no_model, capsys, files, tmp_path):
+    noise = _noise_file(files / "noise.safetensors", MAX_IMAGES // 2 + 1)
+    prompts = files / "prompts.txt"
+    prompts.write_text("one\ntwo\n")
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "generate", "--prompts-file", prompts, "--noise", noise, "--output", out)
+    one_error_line(code, err, "noise rows × prompts", f"{MAX_IMAGES:,}")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_generate_refuses_noise_with_non_finite_values(no_model, capsys, files, tmp_path, value):
+    noise = _noise_file(files / "noise.safetensors", 1, value)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "generate", "a cat", "--noise", noise, "--output", out)
+    one_error_line(code, err, str(noise), "NaN or infinite")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("seeds", [("-1", "2"), ("1", str(2**32))])
+def test_interpolate_seeds_are_range_checked(no_model, capsys, tmp_path, seeds):
+    code, _, err = run(capsys, "interpolate", "--seeds", *seeds, "--output", tmp_path / "strip.png")
+    one_error_line(code, err, "--seeds", "out of range")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- readers: zip directories and non-regular safetensors ----------------------------------------
+
+
+def _small_zip(path: Path, entries: int = 3) -> bytes:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("m/data.pkl", b"\x80\x02}q\x00.")
+        for i in range(entries - 1):
+            archive.writestr(f"m/data/{i}", b"")
+    return path.read_bytes()
+
+
+def _with_directory_fields(data: bytes, entries: int | None = None, directory_bytes: int | None = None) -> bytes:
+    """`data` with its end-of-directory record declaring other entry counts or directory size."""
+    at = data.rfind(b"PK\x05\x06")
+    record = bytearray(data[at:])
+    if entries is not None:
+        record[8:12] = struct.pack("<HH", entries, entries)
+    if directory_bytes is not None:
+        record[12:16] = struct.pack("<I", directory_bytes)
+    return data[:at] + bytes(record)
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    ({"entries": 0xFFFE}, "65,534 zip entries"),
+    ({"directory_bytes": MAX_ZIP_DIRECTORY_BYTES + 1}, f"{MAX_ZIP_DIRECTORY_BYTES + 1:,} bytes of directory"),
+])
+def test_a_zip_declaring_a_huge_directory_is_refused_before_listing(monkeypatch, tmp_path, edit, fragment):
+    monkeypatch.setattr("mlx_starflow.convert.pth_reader.MAX_ZIP_ENTRIES", 1000)
+    path = tmp_path / "bomb.pth"
+    path.write_bytes(_with_directory_fields(_small_zip(tmp_path / "small.pth"), **edit))
+    with pytest.raises(WeightsError, match="damaged or not a checkpoint") as refused:
+        open_pth(path)
+    assert fragment in str(refused.value)
+
+
+def test_a_real_zip64_of_too_many_entries_is_refused_in_one_line(monkeypatch, capsys, fixtures_dir, tmp_path):
+    """Past 65,535 entries the count lives in the zip64 record, which is read too (the limit is
+    lowered to just above that, so the file stays small)."""
+    limit = 0x10000
+    assert limit <= MAX_ZIP_ENTRIES
+    monkeypatch.setattr("mlx_starflow.convert.pth_reader.MAX_ZIP_ENTRIES", limit)
+    path = tmp_path / "many.pth"
+    _small_zip(path, limit + 1)
+    out = tmp_path / "model"
+    code, _, err = run(capsys, "convert", path, "--config", fixtures_dir / "starflow" / "config.yaml", "--out", out)
+    one_error_line(code, err, f"{limit + 1:,} zip entries")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.pth"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "missing"])
+def test_safetensors_metadata_refuses_what_is_not_a_regular_file(files, kind):
+    with pytest.raises(WeightsError, match="not a regular file|is a folder|cannot read"):
+        safetensors_metadata(files / kind)
+
+
+# ---- converted folders damaged in place, and writing noise to a read-only disk -------------------
+
+
+@pytest.fixture(scope="module")
+def model(fixtures_dir, tmp_path_factory):
+    """The tiny 64×64 text-to-image model of the fixtures (flow, T5, VAE)."""
+    out = tmp_path_factory.mktemp("hostile_model") / "model"
+    sf = fixtures_dir / "starflow"
+    assert main(["convert", str(sf / "model.pth"), "--config", str(sf / "config.yaml"), "--out", str(out),
+                 "--text-encoder", str(fixtures_dir / "t5"), "--vae", str(fixtures_dir / "vae")]) == 0
+    return out
+
+
+def test_export_pth_refuses_weights_damaged_in_place(model, capsys, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model, damaged)
+    weights = damaged / "flow" / "model.safetensors"
+    stat = weights.stat()
+    with weights.open("r+b") as f:
+        f.seek(stat.st_size - 64)
+        byte = f.read(1)
+        f.seek(stat.st_size - 64)
+        f.write(bytes([byte[0] ^ 0x10]))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    (damaged / "flow" / ".verified.json").unlink(missing_ok=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run(capsys, "export-pth", damaged, "--out", out / "model.pth")
+    one_error_line(code, err, "model.safetensors", "sha256")
+    assert list(out.iterdir()) == []
+
+
+def test_a_noise_file_that_cannot_be_written_names_the_users_file(monkeypatch, tmp_path):
+    """Writing fails on the hidden temporary; the error the user sees names the file they asked for."""
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+    monkeypatch.setattr(mx, "save_safetensors", read_only)
+    from mlx_starflow.errors import environment_error
+
+    target = tmp_path / "noise.safetensors"
+    with pytest.raises(OSError) as failed:
+        save_noise(target, mx.zeros((1, 4, 1, 1)), {})
+    message = str(environment_error(failed.value))
+    assert f"cannot use {target}:" in message and "Read-only" in message, message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_invert_on_a_real_read_only_disk_fails_before_loading(no_model, files, tmp_path, capsys):
+    """A read-only tmpfs where mounting is allowed (root on Linux); else skipped."""
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(mount_point)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        code, _, err = run(capsys, "invert", files / "image.png", "--out", mount_point / "noise.safetensors")
+        one_error_line(code, err, f"cannot write to {mount_point}", "Read-only", "--out")
+        assert list(mount_point.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+# ---- concurrent writers of one output folder --------------------------------------------------
+
+
+def test_the_loser_of_a_concurrent_folder_write_gets_one_readable_line(monkeypatch, capsys, tmp_path):
+    """Another run writes the same `demo-data` folder while this one runs: this one refuses with
+    a message (not `[Errno None]`), the other run's folder stays, no temporary is left."""
+    out = tmp_path / "data"
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp_then_lose_the_race(*args, **kwargs):
+        folder = real_mkdtemp(*args, **kwargs)
+        out.mkdir()
+        (out / "theirs.txt").write_text("the other run's")
+        return folder
+
+    monkeypatch.setattr("mlx_starflow.model_io.tempfile.mkdtemp", mkdtemp_then_lose_the_race)
+    code, _, err = run(capsys, "demo-data", out, "--count", 12, "--size", 8)
+    one_error_line(code, err, f"{out} was written by another run meanwhile")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert snapshot(out) == {"theirs.txt": b"the other run's"}
