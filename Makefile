@@ -41,6 +41,7 @@ BENCH_FLAGS  ?=
 # rehearsal
 SIZE      ?= 64
 REHEARSAL ?= build/rehearsal
+NICE      ?= 19
 SWIFT_RESOURCES := app/swift/Tests/Resources/make_test_resources.py
 
 .PHONY: setup test test-python test-swift demo demo-model generate convert coreml coreml-check bench rehearsal clean
@@ -96,9 +97,9 @@ bench: $(DEV)
 
 # A developer tool, not part of `make test`: the first run at full size on synthetic weights
 # (about 20 GB of files and up to ~21 GB of memory; see the README's "Full-size rehearsal").
-# SIZE=256 samples the full 1024-token image; BLAS_PRELOAD as for demo-model.
+# SIZE=256 samples the full 1024-token image; BLAS=openblas as for bench; NICE=0 on a busy machine.
 rehearsal: $(BASE)
-	$(if $(BLAS_PRELOAD),LD_PRELOAD=$(BLAS_PRELOAD)) nice -n 19 $(PY) scripts/rehearsal.py --size $(SIZE) --out $(REHEARSAL)
+	$(if $(BLAS_PRELOAD),LD_PRELOAD=$(BLAS_PRELOAD)) nice -n $(NICE) $(PY) scripts/rehearsal.py --size $(SIZE) --out $(REHEARSAL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info app/swift/.build app/swift/Tests/Resources/generated

@@ -196,7 +196,8 @@ def state_sharing(export: Path, manifest: dict, unit: str) -> str:
     other_name = block["functions"].get("prefill") or steps[max(steps, key=int)]
     other = ct.models.MLModel(package, compute_units=getattr(ct.ComputeUnit, unit), function_name=other_name)
     inputs = {}
-    for feature in other.get_spec().description.input:
+    described = next(f for f in other.get_spec().description.functions if f.name == other_name)
+    for feature in described.input:
         shape = tuple(feature.type.multiArrayType.shape)
         inputs[feature.name] = np.zeros(shape, np.int32 if feature.name == block["inputs"]["position"] else np.float32)
     try:

@@ -276,6 +276,15 @@ def test_export_pth_refuses_weights_damaged_in_place(model, capsys, tmp_path):
     assert list(out.iterdir()) == []
 
 
+def test_invert_refuses_a_folder_as_its_noise_file_before_loading(no_model, capsys, files, tmp_path):
+    folder = tmp_path / "mine.safetensors"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "invert", files / "image.png", "--out", folder, "--force")
+    one_error_line(code, err, f"--out {folder} is a folder")
+    assert snapshot(folder) == {"keep.txt": b"mine"}
+
+
 def test_a_noise_file_that_cannot_be_written_names_the_users_file(monkeypatch, tmp_path):
     """Writing fails on the hidden temporary; the error the user sees names the file they asked for."""
     def read_only(path, *args, **kwargs):

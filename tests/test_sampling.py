@@ -156,3 +156,99 @@ def test_cli_builds_the_sampler_from_its_flags(tmp_path, capsys):
                  "--output", str(tmp_path / "t.png")]) == 0
     with Image.open(tmp_path / "t.png") as image:
         assert image.info["sampler"] == "sequential attn_temp=0.9"
+
+
+def test_jacobi_options_are_checked_naming_the_option():
+    from mlx_starflow.errors import InputError
+
+    for bad in (-1e-3, float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(InputError, match="--jacobi-deep-threshold"):
+            Jacobi(deep_threshold=bad)
+    for bad in ("zeros", "", None):
+        with pytest.raises(InputError, match="--jacobi-init"):
+            Jacobi(init=bad)
+    with pytest.raises(InputError, match="--jacobi-preset"):
+        Jacobi.preset("fastest")
+
+
+def test_defaults_are_the_official_settings_and_options_show_only_when_set():
+    from mlx_starflow.samplers import JACOBI_PRESETS
+
+    assert Jacobi() == JACOBI_PRESETS["official"] == Jacobi(16, 1e-3, 32, False, None, "noise")
+    assert Jacobi().describe() == "jacobi block=16 threshold=0.001 max_iter=32"
+    assert (Jacobi(64, 1e-2, deep_threshold=1e-3, init="carry", coupled=True).describe()
+            == "jacobi block=64 threshold=0.01 max_iter=32 deep_threshold=0.001 init=carry coupled")
+    assert Jacobi(deep_threshold=0).describe().endswith("deep_threshold=0")
+
+
+def chunk_iterations(flow, noise, y, guidance, sampler) -> dict[int, list[int]]:
+    """Each block's Jacobi iterations per chunk, keyed by block index."""
+    counts: dict[int, list[int]] = {}
+    for p in flow.iter_sample(noise, y, guidance, sampler):
+        if p.chunk is not None:
+            counts.setdefault(p.block, []).append(p.chunk.iterations)
+    return counts
+
+
+def test_deep_threshold_applies_to_the_text_block_only(flow, batch):
+    noise, cond, uncond = batch
+    y = guided_rows(cond[:2], uncond)
+    deep = len(flow.blocks) - 1
+    assert flow.blocks[deep].has_text and not any(b.has_text for b in flow.blocks[:deep])
+    counts = chunk_iterations(flow, noise[:2], y, 2.5, Jacobi(16, threshold=0.0, max_iter=6, deep_threshold=1e9))
+    assert counts.pop(deep) == [1] * 4, "a huge deep threshold stops every deep chunk after one pass"
+    assert all(c == [6] * 4 for c in counts.values()), "threshold 0 runs every shallow chunk to max_iter"
+    same = Jacobi(16, 1e-3, deep_threshold=1e-3)
+    assert max_diff(flow.sample(noise[:2], y, 2.5, same), flow.sample(noise[:2], y, 2.5, Jacobi(16, 1e-3))) == 0
+
+
+def test_carried_first_iterate_converges_to_the_sequential_sample(flow, batch):
+    """Jacobi with threshold 0 and more passes than tokens per chunk is exact whatever it starts from."""
+    noise, cond, uncond = batch
+    y = guided_rows(cond, uncond)
+    carry = flow.sample(noise, y, 2.5, Jacobi(4, threshold=0.0, max_iter=5, init="carry"))
+    assert max_diff(carry, flow.sample(noise, y, 2.5, Sequential())) < 2e-4
+
+
+def test_carried_first_iterate_starts_nearer_and_keeps_images_independent(flow, batch):
+    """The carried start changes the first pass of every chunk after a block's first (so the
+    option is live) and takes fewer passes in all on the fixture model, and per-image
+    convergence still makes an image independent of its batch."""
+    noise, cond, uncond = batch
+    y = guided_rows(cond, uncond)
+    carry, plain = Jacobi(8, init="carry"), Jacobi(8)
+
+    def first_changes(sampler) -> list[float]:
+        return [p.chunk.changes[0] for p in flow.iter_sample(noise, y, 2.5, sampler) if p.chunk is not None and p.chunk.start > 0]
+
+    assert all(abs(a - b) > 1e-6 for a, b in zip(first_changes(carry), first_changes(plain)))
+    total = lambda sampler: sum(sum(c) for c in chunk_iterations(flow, noise, y, 2.5, sampler).values())
+    assert total(carry) < total(plain)
+    assert max_diff(flow.sample(noise, y, 2.5, carry), sample_each(flow, noise, cond, uncond, carry)) < BATCH_TOL
+
+
+def test_cli_presets_and_single_flags_override_them(tmp_path, capsys):
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from mlx_starflow.app.cli import main
+
+    from mlx_starflow.app.commands.generate import JacobiOverrides, make_sampler
+    from mlx_starflow.samplers import JACOBI_PRESETS
+
+    assert make_sampler(True) == Jacobi()
+    assert make_sampler(True, "fast") == JACOBI_PRESETS["fast"]
+    assert (make_sampler(True, "fast", JacobiOverrides(block_size=8, init="noise", coupled=True))
+            == replace(JACOBI_PRESETS["fast"], block_size=8, init="noise", coupled=True))
+    assert make_sampler(True, "official", JacobiOverrides(deep_threshold=1e-2)).describe().endswith("deep_threshold=0.01")
+    assert make_sampler(False, "fast") == Sequential()
+
+    demo = str(Path(__file__).resolve().parents[1] / "weights" / "demo")
+    assert main(["generate", "red circle", "--model", demo, "--jacobi-preset", "fastest", "--output", str(tmp_path / "x.png")]) == 1
+    assert "--jacobi-preset" in capsys.readouterr().err
+    out = tmp_path / "fast.png"
+    assert main(["generate", "red circle", "--model", demo, "--seed", "0", "--jacobi-preset", "fast", "--jacobi-max-iter", "20",
+                 "--output", str(out)]) == 0
+    with Image.open(out) as image:
+        assert image.info["sampler"] == replace(JACOBI_PRESETS["fast"], max_iter=20).describe()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +12,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from mlx_starflow.convert.hub import cached_repos, converted_models, folder_bytes, hub_cache, models_folder
-from mlx_starflow.config import FlowConfig, LabelConfig, T5Config, VAEConfig
+from mlx_starflow.config import FlowConfig, LabelConfig, T5Config, VAEConfig, read_json_object
 from mlx_starflow.errors import ConfigError, InputError, StarFlowError
 from mlx_starflow.flow import StarFlow
 from mlx_starflow.model_folder import read_model_folder
@@ -110,7 +109,7 @@ def describe_model(folder: Path) -> None:
     for component in manifest.get("components", []):
         part = folder / component
         files = read_manifest(part).get("files", {})
-        config = json.loads((part / "config.json").read_text())
+        config = read_json_object(part / "config.json", "convert the model again")
         table.add_row(component, config.get("kind", "?"), dtype_text(config), parameter_count(part), gigabytes(sum(f["bytes"] for f in files.values())))
     stdout.print(table)
     if (folder / "flow").is_dir():
@@ -152,7 +151,7 @@ def training_text(record: dict) -> str:
 
 def parameter_count(folder: Path) -> str:
     """Parameters from the config alone (MLX builds the module lazily, nothing is allocated)."""
-    kind = json.loads((folder / "config.json").read_text()).get("kind")
+    kind = read_json_object(folder / "config.json", "convert the model again").get("kind")
     builders = {FlowConfig.KIND: lambda: StarFlow(FlowConfig.load(folder)), T5Config.KIND: lambda: T5Encoder(T5Config.load(folder)),
                 VAEConfig.KIND: lambda: VAE(VAEConfig.load(folder))}
     if kind == LabelConfig.KIND:
@@ -170,8 +169,8 @@ def dtype_text(config: dict) -> str:
 
 def flow_summary(folder: Path) -> str:
     try:
-        return dtype_text(json.loads((folder / "flow" / "config.json").read_text()))
-    except (OSError, ValueError):
+        return dtype_text(read_json_object(folder / "flow" / "config.json", "convert the model again"))
+    except ConfigError:
         return "?"
 
 

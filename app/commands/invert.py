@@ -38,6 +38,8 @@ def invert(
     check_image_path(image)
     if out.suffix != ".safetensors":
         raise InputError(f"--out {out} must end in .safetensors")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; pass a .safetensors file name")
     if out.exists() and not force:
         raise OutputExists(f"{out} already exists; pass --force to replace it or choose another --out")
     check_writable(out.parent, "--out")
