@@ -232,13 +232,13 @@ class StarFlow(nn.Module):
         return sequence if return_sequence else sequence[-1]
 
 
-def load_flow(path: str | Path, bfloat16_rope: bool = False, float32_compute: bool = False) -> StarFlow:
+def load_flow(path: str | Path, bfloat16_rope: bool = False, float32_compute: bool = False, evaluate: bool = True) -> StarFlow:
     """Load a converted flow folder, or the `flow/` component of a model folder.
 
     `bfloat16_rope`: see `StarFlow`. `float32_compute` runs a float16/bfloat16 model in float32
     (its weights keep their rounded values, in twice the memory): on the fixtures' bfloat16
     checkpoint this halves the distance to the float32 samples, as the official sampler's
-    float32 autocast computes.
+    float32 autocast computes. `evaluate=False` leaves the weights unread until first use.
     """
     folder = Path(path)
     if (folder / "flow").is_dir():
@@ -248,7 +248,7 @@ def load_flow(path: str | Path, bfloat16_rope: bool = False, float32_compute: bo
     model = StarFlow(config, bfloat16_rope)
     if config.quantization:
         quantize_flow(model, **config.quantization)
-    load_weights(model, folder)
+    load_weights(model, folder, evaluate)
     if float32_compute:
         model.set_dtype(mx.float32)
     model.eval()

@@ -182,7 +182,9 @@ def load_model_folder(path: str | Path, decoder: bool = True, lazy_text_encoder:
     until prompts are encoded (`LazyTextEncoder`). `numerics` sets how the flow computes.
     """
     folder = read_model_folder(path)
-    flow = load_flow(folder.path / "flow", numerics.bfloat16_rope, numerics.float32_compute)
+    # With a lazy text encoder the flow's weights are read at their first use, after the prompts
+    # are encoded and the encoder released: the two never share memory.
+    flow = load_flow(folder.path / "flow", numerics.bfloat16_rope, numerics.float32_compute, evaluate=not lazy_text_encoder)
     condition = _load_condition(folder, flow.config, lazy_text_encoder)
     vae = _load_vae(folder, flow.config)
     if folder.has("decoder") and vae is None:

@@ -284,8 +284,12 @@ def save_weights(folder: str | Path, module: nn.Module) -> None:
     mx.save_safetensors(str(Path(folder) / WEIGHTS_FILE), dict(tree_flatten(module.parameters())))
 
 
-def load_weights(module: nn.Module, folder: str | Path) -> None:
-    """Load `model.safetensors` strictly: every parameter present, nothing extra, same shapes."""
+def load_weights(module: nn.Module, folder: str | Path, evaluate: bool = True) -> None:
+    """Load `model.safetensors` strictly: every parameter present, nothing extra, same shapes.
+
+    With `evaluate=False` the weights stay mapped, unread, until their first use, so a part
+    loaded early costs no memory while another part (the text encoder) runs first.
+    """
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise WeightsError(f"{folder} has no {WEIGHTS_FILE}; convert the model again")
@@ -303,5 +307,6 @@ def load_weights(module: nn.Module, folder: str | Path) -> None:
         if value.shape != expected[name].shape:
             raise WeightsError(f"{path}: {name} has shape {list(value.shape)}, the config implies {list(expected[name].shape)}")
     module.load_weights(list(weights.items()), strict=True)
-    mx.eval(module.parameters())
+    if evaluate:
+        mx.eval(module.parameters())
 

@@ -67,10 +67,18 @@ def test_a_text_model_without_its_text_encoder(fixtures_dir: Path, tmp_path: Pat
     ("--attention", "flash", "--attention must be one of original, split-einsum"),
     ("--target", "iOS17", "--target must be one of macOS15, iOS18"),
     ("--batch-size", "0", "--batch-size must be at least 1, not 0"),
+    ("--palette-group-size", "0", "--palette-group-size must be at least 1, not 0"),
 ])
 def test_an_unsupported_option(label_model: Path, tmp_path: Path, capsys, option: str, value: str, message: str) -> None:
     out = tmp_path / "export"
     refused(capsys, ["export-coreml", str(label_model), "--out", str(out), option, value], message, out)
+
+
+def test_a_palette_group_that_does_not_divide_the_width(label_model: Path, tmp_path: Path, capsys) -> None:
+    """Refused before anything is built: coremltools would skip such kernels without a word."""
+    out = tmp_path / "export"
+    refused(capsys, ["export-coreml", str(label_model), "--out", str(out), "--compress", "palette4", "--palette-group-size", "48"],
+            "--palette-group-size 48 does not divide the flow width (128)", out)
 
 
 def test_split_einsum_needs_an_explicit_no_score_step(label_model: Path, tmp_path: Path, capsys) -> None:

@@ -10,6 +10,7 @@ tolerances (max-abs): block step outputs 1e-4, samples 2e-4 (fixtures/starflow �
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import sys
 from collections.abc import Callable
@@ -25,8 +26,8 @@ pytest.importorskip("coremltools", reason="the Core ML export needs the coreml e
 from mlx_starflow.convert.coreml import mil_eval
 from mlx_starflow.convert.coreml.backends import EvaluatorBackend
 from mlx_starflow.convert.coreml.builder import Ops, build_program, tensor_spec
-from mlx_starflow.convert.coreml.compress import WeightCompression
-from mlx_starflow.convert.coreml.coremltools_api import load_program, mb, types
+from mlx_starflow.convert.coreml.compress import WeightCompression, palette
+from mlx_starflow.convert.coreml.coremltools_api import ct, load_program, mb, types
 from mlx_starflow.convert.coreml.export import export_coreml
 from mlx_starflow.convert.coreml.flow import BlockPlan, block_programs, cache_names, step_name, updated_name
 from mlx_starflow.convert.coreml.flow_graph import block_arrays, rope_table
@@ -37,23 +38,26 @@ from mlx_starflow.convert.coreml.text_encoder import text_encoder_program
 from mlx_starflow.convert.coreml.vae import decoder_program, encoder_program
 from mlx_starflow.convert.model import convert_model
 from mlx_starflow import load_flow
+from mlx_starflow.errors import ConfigError
 from mlx_starflow.text_encoder import load_text_encoder
 from mlx_starflow.vae import load_vae
 from arrays import load, max_abs
 
 STEP_TOL, SAMPLE_TOL, TEXT_TOL, VAE_TOL, DENOISE_TOL = 1e-4, 2e-4, 1e-5, 2e-5, 1e-4
-COMPRESSED_STEP_BUDGET = {"int8": 2e-2, "int4": 2e-1}
+COMPRESSED_STEP_BUDGET = {"int8": 2e-2, "int4": 2e-1, "palette8": 5e-2, "palette6": 1e-1, "palette4": 2e-1}
 """Max |Δ| of a compressed float16 block's step outputs against float32 MLX. Measured: float16
 alone 4.9e-4, int8 3.8e-3, int4 6.4e-2 (int8 keeps 8 bits per weight with a scale per output
-channel, int4 4 bits with a scale per block of 32), about 3-5× below each budget."""
+channel, int4 4 bits with a scale per block of 32), about 3-5× below each budget. Palettes
+(a k-means table per 16 output channels): palette8 7.7e-3, palette6 2.5e-2, palette4 5.8e-2."""
 STEP_FLOAT16_BUDGET = 5e-3
 """Max |Δ| of a float16 stateful deep block's step outputs against float32 MLX. Measured on the
 `step_calls` sequence: split-einsum 9.5e-4, original layout 1.3e-3."""
-COMPRESSED_VJP_BUDGET = {"int8": 0.25, "int4": 2.0}
+COMPRESSED_VJP_BUDGET = {"int8": 0.25, "int4": 2.0, "palette8": 0.25, "palette6": 0.5, "palette4": 1.5}
 """Max |Δ| of a compressed float16 block's score-step `vjp` against the same function in float32,
 on unit-normal tokens and cotangent (outputs up to 5.3). Measured: float16 alone 5.3e-3, int8
 0.107, int4 0.95: the gradient multiplies the weights' rounding twice (forward and backward),
-so int4 (18% of the largest output) is a coarse score step on this tiny model."""
+so int4 (18% of the largest output) is a coarse score step on this tiny model. Palettes: palette8
+0.053, palette6 0.127, palette4 0.45."""
 VAE_FLOAT16_BUDGET = 1e-2
 """As in test_coreml_export.py: measured 5.2e-3 against the official decode; GroupNorm eps (0.016) still shows."""
 
@@ -144,12 +148,22 @@ def shallow_steps(flow, step: Callable[[np.ndarray, int], tuple[np.ndarray, np.n
     return worst
 
 
-@pytest.mark.parametrize("compression", ["int8", "int4"])
+def palette_factor(arrays: dict[str, np.ndarray], nbits: int, group: int = 16) -> float:
+    """Palettized linear bytes over float16 bytes: n-bit indices plus a float16 table of 2**n
+    entries per group of output channels."""
+    kernels = [a for k, a in arrays.items() if k.endswith(LINEARS)]
+    packed = sum(a.size * nbits / 8 + a.shape[0] // group * 2**nbits * 2 for a in kernels)
+    return packed / (2 * sum(a.size for a in kernels))
+
+
+@pytest.mark.parametrize("compression", ["int8", "int4", "palette8", "palette6", "palette4"])
 def test_compression_shrinks_the_linear_weights(flow, plain_shallow: Path, tmp_path: Path, compression: str) -> None:
     """Only attention/MLP linears are compressed: int8 ≈ 0.5× of float16 (+ a scale per output
     channel), int4 block 32 = (0.5 + 2/32)/2 = 0.281× (measured: 0.507 and 0.282; the whole
-    package, with its uncompressed projections, tables and norms: 0.537 and 0.326). The score
-    step's forward and vjp read the same compressed constants as the step: one copy in all."""
+    package, with its uncompressed projections, tables and norms: 0.537 and 0.326); an N-bit
+    palette N/16 plus its tables (measured 0.594, 0.399, 0.257 for 8, 6, 4 bits at width 128,
+    where the tables weigh most). The score step's forward and vjp read the same compressed
+    constants as the step: one copy in all."""
     arrays = block_arrays(flow, 0)
     path = tmp_path / "small.mlpackage"
     programs = block_programs(flow.config, arrays, replace(SHALLOW, score=True), 0, "original", "float16",
@@ -158,12 +172,17 @@ def test_compression_shrinks_the_linear_weights(flow, plain_shallow: Path, tmp_p
     linear = 2 * sum(a.size for k, a in arrays.items() if k.endswith(LINEARS))
     rest = package_weight_bytes(plain_shallow) - linear
     factor = (package_weight_bytes(path) - rest) / linear
-    expected = (0.50, 0.52) if compression == "int8" else (0.28, 0.29)
+    if compression.startswith("palette"):
+        exact = palette_factor(arrays, int(compression[-1]))
+        expected = (exact * 0.95, exact * 1.01)
+    else:
+        expected = (0.50, 0.52) if compression == "int8" else (0.28, 0.29)
     assert expected[0] <= factor <= expected[1], factor
     program = load_program(path)
+    decompress = "constexpr_lut_to_dense" if compression.startswith("palette") else "constexpr_blockwise_shift_scale"
     for function in ("step_1", "forward", "vjp"):
         ops = program.functions[function].operations
-        assert sum(op.op_type == "constexpr_blockwise_shift_scale" for op in ops) == len(LINEARS), function
+        assert sum(op.op_type == decompress for op in ops) == len(LINEARS), function
     caches = {name: np.zeros((1, 2, SHALLOW.cache_length, 64), np.float16) for name in cache_names(0)}
 
     def step(tokens: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,6 +196,28 @@ def test_compression_shrinks_the_linear_weights(flow, plain_shallow: Path, tmp_p
     inputs = {name: rng.standard_normal((1, 64, 4)).astype(np.float32) for name in ("tokens", "cotangent")}
     expected = mil_eval.run(load_program(exact), inputs, function="vjp")["tokens_cotangent"]
     assert max_abs(mil_eval.run(program, inputs, function="vjp")["tokens_cotangent"], expected) < COMPRESSED_VJP_BUDGET[compression]
+
+
+def test_palette_is_the_one_dimensional_k_means_optimum() -> None:
+    """On three well-separated clusters with 2 bits, the table holds each cluster's mean (and the
+    fourth entry splits one cluster), every value maps to its nearest entry, and no table of
+    the same size (a grid search over perturbations) has a lower squared error."""
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.normal(c, 0.01, 200) for c in (-1.0, 0.0, 2.0)]).astype(np.float32)
+    lut, indices = palette(values, 2)
+    assert lut.shape == (4,) and np.all(np.diff(lut) >= 0)
+    np.testing.assert_array_equal(indices, np.abs(values[:, None] - lut[None]).argmin(axis=1))
+    means = sorted(values[i * 200:(i + 1) * 200].mean() for i in range(3))
+    assert sum(np.min(np.abs(lut - m)) < 0.02 for m in means) == 3
+    error = np.sum((values - lut[indices]) ** 2)
+    for shift in itertools.product((-0.01, 0.0, 0.01), repeat=4):
+        moved = np.sort(lut + np.array(shift, np.float32))
+        assert error <= np.sum(np.min((values[:, None] - moved[None]) ** 2, axis=1)) * (1 + 1e-6)
+
+
+def test_palette_group_size_must_divide_the_channels(flow) -> None:
+    with pytest.raises(ConfigError, match="--palette-group-size 48"):
+        WeightCompression("palette4", 0, group_size=48).constant(np.ones((128, 128), np.float32), np.float16)
 
 
 def test_cache_io_twins_match_the_stateful_functions(flow, step_calls, tmp_path: Path) -> None:
@@ -369,3 +410,34 @@ def test_evaluator_rounds_each_op_to_its_declared_dtype(tmp_path: Path) -> None:
     convert(build_program({"x": tensor_spec((1,), "fp32")}, body), "macOS15").save(str(tmp_path / "round.mlpackage"))
     y = mil_eval.run(load_program(tmp_path / "round.mlpackage"), {"x": np.ones(1, np.float32)})["y"]
     assert y.dtype == np.float32 and y[0] == 1.0
+
+
+PALETTE_TEXT_BUDGET = 0.5
+"""Max |Δ| of a palette8 float16 text encoder (groups of 32 channels) against the official T5
+states (up to 4.1). Measured 0.22 (int8: 0.066, float16 alone: 0.009; palette6: 0.36): the tiny
+T5 (width 32) has only 1024 weights per group, where k-means pairs up the outliers; the released
+T5's groups hold 65536."""
+
+
+def test_palettized_export_compresses_every_big_linear_with_the_group_asked(model: Path, fixtures_dir: Path, tmp_path: Path) -> None:
+    """`--compress palette8 --palette-group-size 32`: the manifest and every package say so, each
+    flow block's functions and the text encoder read lookup tables of one group per 32 output
+    channels, and the text encoder's states stay within PALETTE_TEXT_BUDGET of the official T5."""
+    out = export_coreml(model, tmp_path / "export", compress="palette8", palette_group_size=32, score_step=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["compression"], manifest["palette_group_size"]) == ("palette8", 32)
+    for name in ("FlowBlock0.mlpackage", "FlowBlock5.mlpackage", "TextEncoder.mlpackage"):
+        meta = ct.models.MLModel(str(out / name), skip_model_load=True).user_defined_metadata
+        assert (meta["compression"], meta["palette_group_size"]) == ("palette8", "32"), name
+        for function, body in load_program(out / name).functions.items():
+            tables = [op for op in body.operations if op.op_type == "constexpr_lut_to_dense"]
+            assert tables, f"{name}:{function}"
+            for op in tables:
+                indices, lut = op.inputs["indices"].shape, op.inputs["lut"].shape
+                assert lut[0] * 32 == indices[0] and lut[-2:] == (256, 1), (name, indices, lut)
+    oracle = load(fixtures_dir / "t5" / "fixtures.safetensors")
+    encoder = load_program(out / "TextEncoder.mlpackage")
+    for row in range(len(oracle["short.input_ids"])):
+        inputs = {"input_ids": oracle["short.input_ids"][row : row + 1], "attention_mask": oracle["short.attention_mask"][row : row + 1]}
+        states = mil_eval.run(encoder, inputs)["text_states"]
+        assert max_abs(states, oracle["short.text_states"][row : row + 1]) < PALETTE_TEXT_BUDGET

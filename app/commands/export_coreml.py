@@ -16,7 +16,12 @@ def export_coreml(
     model: Path = typer.Argument(..., help="Converted model folder (flow/ with text_encoder/ or labels/, and vae/ for latent models)."),
     out: Path = typer.Option(..., "--out", "-o", help="Export folder to create (packages + manifest.json)."),
     dtype: str = typer.Option("float16", "--dtype", help="Weight and compute precision: float16 or float32."),
-    compress: Optional[str] = typer.Option(None, "--compress", help="Core ML weight compression of the big linears: int8 or int4."),
+    compress: Optional[str] = typer.Option(
+        None, "--compress",
+        help="Core ML weight compression of the big linears: int8, int4, or palette8/palette6/palette4 "
+             "(k-means lookup tables per group of output channels; what the Neural Engine prefers)."),
+    palette_group_size: int = typer.Option(16, "--palette-group-size",
+                                           help="Output channels sharing one lookup table with --compress paletteN (must divide the model width)."),
     attention: str = typer.Option("original", "--attention", help="Attention layout: original (GPU) or split-einsum (Neural Engine)."),
     target: str = typer.Option("macOS15", "--target", help="Deployment target: macOS15 or iOS18 (iOS splits packages under 1 GB)."),
     width: Optional[int] = typer.Option(None, "--width", callback=check_side,
@@ -42,5 +47,6 @@ def export_coreml(
         folder = export(model, out, dtype=dtype, compress=compress, attention=attention, target=target, width=width,
                         height=height, jacobi_block_sizes=tuple(jacobi_block_size), batch_size=batch_size, score_step=score_step,
                         vae_encoder=vae_encoder, force=force, compile=compile,
-                        state_fallback=state_fallback, step_tables=step_tables, progress=progress)
+                        state_fallback=state_fallback, step_tables=step_tables,
+                        palette_group_size=palette_group_size, progress=progress)
     typer.echo(f"wrote {folder}")

@@ -29,7 +29,7 @@ try:
     import coremltools.optimize.coreml as cto
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import Function, Program, Var, types
-    from coremltools.converters.mil.mil.types.type_mapping import np_int4_dtype
+    from coremltools.converters.mil.mil.types.type_mapping import np_int4_dtype, nptype_from_builtin, string_to_builtin
 except ImportError:  # pragma: no cover - exercised only without the extra
     raise CoreMLUnavailable("Core ML export needs coremltools: pip install 'mlx-starflow[coreml]' (no PyTorch is needed)") from None
 
@@ -37,7 +37,13 @@ TARGETS = {"macOS15": ct.target.macOS15, "iOS18": ct.target.iOS18}
 OPSET = ct.target.iOS18
 """Stateful models, `read_state` and the fused attention op all need the iOS 18 / macOS 15 opset."""
 
-__all__ = ["CoreMLUnavailable", "Function", "OPSET", "Program", "TARGETS", "Var", "ct", "cto", "load_program", "mb", "np_int4_dtype", "quiet", "require_prediction", "types"]
+__all__ = ["CoreMLUnavailable", "Function", "OPSET", "Program", "TARGETS", "Var", "ct", "cto", "load_program", "mb", "np_int4_dtype",
+           "palette_index_dtype", "quiet", "require_prediction", "types"]
+
+
+def palette_index_dtype(nbits: int) -> type:
+    """coremltools' NumPy dtype for n-bit palette indices (uint4, uint6 are its own sub-byte types)."""
+    return nptype_from_builtin(string_to_builtin(f"uint{nbits}"))
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from mlx_starflow.samplers import Jacobi, Sequential
 from mlx_starflow.text_encoder import TOKENIZER_FILE
 
 from .builder import PRECISIONS
-from .compress import COMPRESSIONS, WeightCompression
+from .compress import COMPRESSIONS, PALETTE_GROUP, PALETTES, WeightCompression
 from .coremltools_api import TARGETS, ct, quiet
 from .flow import (
     COTANGENT,
@@ -79,6 +79,7 @@ class ExportOptions:
     compile: bool = False
     state_fallback: bool = False
     step_tables: bool = False
+    palette_group_size: int = PALETTE_GROUP
 
     def check(self) -> None:
         """Every option a user can get wrong, as a one-line `ConfigError` naming the fix."""
@@ -89,6 +90,8 @@ class ExportOptions:
                 raise ConfigError(f"--{option.replace('_', '-')} must be one of {', '.join(allowed)}, not {value!r}")
         if self.compress is not None and self.compress not in COMPRESSIONS:
             raise ConfigError(f"--compress must be one of {', '.join(COMPRESSIONS)} (or omitted), not {self.compress!r}")
+        if self.palette_group_size < 1:
+            raise ConfigError(f"--palette-group-size must be at least 1, not {self.palette_group_size}")
         if not self.jacobi_block_sizes or min(self.jacobi_block_sizes) < 1:
             raise ConfigError(f"--jacobi-block-size must be at least 1, not {list(self.jacobi_block_sizes)}")
         if self.batch_size < 1:
@@ -122,6 +125,21 @@ def image_size(config: FlowConfig, options: ExportOptions) -> tuple[int, int]:
     return height, width
 
 
+def check_palette_groups(parts: ModelParts, options: ExportOptions) -> None:
+    """A palette's group of output channels must divide every compressed kernel's output width
+    (checked before anything is built: coremltools would silently skip such a kernel)."""
+    if options.compress not in PALETTES:
+        return
+    widths = {"flow width": parts.config.channels}
+    if parts.text_encoder is not None:
+        t5 = parts.text_encoder.encoder.config
+        widths.update({"text encoder width": t5.d_model, "text encoder MLP width": t5.d_ff, "text encoder heads × head width": t5.num_heads * t5.d_kv})
+    for name, width in widths.items():
+        if width % options.palette_group_size:
+            raise ConfigError(f"--palette-group-size {options.palette_group_size} does not divide the {name} ({width}); "
+                              f"pick a group size that divides it (16 or 32 for the released model)")
+
+
 def export_coreml(
     model_dir: str | Path,
     out: str | Path,
@@ -141,6 +159,7 @@ def export_coreml(
     compile: bool = False,
     state_fallback: bool = False,
     step_tables: bool = False,
+    palette_group_size: int = PALETTE_GROUP,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Export a converted model folder to Core ML packages in `out` (see the module docstring).
@@ -154,16 +173,19 @@ def export_coreml(
     the caches as inputs/outputs (`cache_io` in the manifest), which the Swift package uses when
     a device refuses one Core ML state shared by several functions. `step_tables` makes the step
     functions take their RoPE rows and causal mask as inputs (no runtime gather, for the Neural
-    Engine), with each block's table written beside the packages.
+    Engine), with each block's table written beside the packages. `palette_group_size` is the
+    number of output channels sharing one lookup table when `compress` is a palette.
     """
     options = ExportOptions(dtype, compress, attention, target, height, width, tuple(jacobi_block_sizes), batch_size,
-                            score_step, vae_encoder, kv_cache, max_package_bytes, compile, state_fallback, step_tables)
+                            score_step, vae_encoder, kv_cache, max_package_bytes, compile, state_fallback, step_tables,
+                            palette_group_size)
     options.check()
     out = Path(out)
     if out.exists() and not force:
         raise OutputExists(f"{out} already exists; pass --force to replace it")
     parts = load_model_folder(model_dir, decoder=False)
     height_px, width_px = image_size(parts.config, options)
+    check_palette_groups(parts, options)
     exporter = _Exporter(parts, options, height_px, width_px, progress)
     with atomic_folder(out, force=force, kind=FORMAT) as tmp:
         exporter.write(tmp)
@@ -192,7 +214,8 @@ class _Exporter:
         """Package metadata; the VAE is never compressed."""
         o = self.options
         return PackageInfo(self.parts.folder.path.name, self.parts.folder.source_sha256, LICENSE, (self.height, self.width),
-                           self.text_length, o.dtype, o.compress if compressed else None, o.attention, o.target, description, extra)
+                           self.text_length, o.dtype, o.compress if compressed else None, o.attention, o.target, description, extra,
+                           o.palette_group_size)
 
     def _advance(self, name: str) -> None:
         self.done += 1
@@ -216,6 +239,7 @@ class _Exporter:
         manifest: dict[str, Any] = {
             "model": {"name": self.parts.folder.path.name, "source_sha256": self.parts.folder.source_sha256, "license": LICENSE},
             "precision": self.options.dtype, "compression": self.options.compress,
+            **({"palette_group_size": self.options.palette_group_size} if self.options.compress in PALETTES else {}),
             "attention": self.options.attention, "target": self.options.target, "kv_cache": self.options.kv_cache,
             "batch": self.options.batch_size,
             "image": {"height": self.height, "width": self.width, "channels": self._image_channels()},
@@ -265,8 +289,8 @@ class _Exporter:
 
     def _block(self, folder: Path, plan: BlockPlan) -> dict[str, Any]:
         arrays = block_arrays(self.parts.flow, plan.index)
-        compression = (WeightCompression(self.options.compress, self.config.channels * self.config.channels - 1)
-                       if self.options.compress else None)
+        compression = (WeightCompression(self.options.compress, self.config.channels * self.config.channels - 1,
+                                         self.options.palette_group_size) if self.options.compress else None)
         names = ([f"FlowBlock{plan.index}.mlpackage"] if len(plan.layer_groups) == 1
                  else [f"FlowBlock{plan.index}_{g}.mlpackage" for g in range(len(plan.layer_groups))])
         for group, name in enumerate(names):

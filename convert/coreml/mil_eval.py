@@ -257,6 +257,7 @@ def _expand_dims(op, a, s):
 HANDLERS: dict[str, Callable[[Any, dict, dict], Any]] = {
     "const": _const,
     "constexpr_blockwise_shift_scale": _constexpr,
+    "constexpr_lut_to_dense": _constexpr,
     "cast": _cast,
     "identity": lambda op, a, s: np.asarray(a["x"]),
     "add": _binary(np.add),

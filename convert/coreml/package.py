@@ -17,7 +17,7 @@ import numpy as np
 from mlx_starflow import __version__
 from mlx_starflow.errors import ConfigError
 
-from .compress import compress_model
+from .compress import PALETTE_GROUP, PALETTES, compress_model
 from .coremltools_api import TARGETS, Program, ct, quiet
 
 AUTHOR = "mlx-starflow Core ML exporter (weights: Apple STARFlow)"
@@ -40,6 +40,7 @@ class PackageInfo:
     target: str
     description: str
     extra: dict[str, str] = field(default_factory=dict)
+    palette_group_size: int = PALETTE_GROUP
 
     def user_metadata(self) -> dict[str, str]:
         return {
@@ -50,6 +51,7 @@ class PackageInfo:
             "text_length": str(self.text_length),
             "precision": self.precision,
             "compression": self.compression or "none",
+            **({"palette_group_size": str(self.palette_group_size)} if self.compression in PALETTES else {}),
             "attention": self.attention,
             "target": self.target,
             "shapes": "fixed: exported for one image size; export again for another",
@@ -89,7 +91,7 @@ def save_package(programs: dict[str, Program], path: Path, info: PackageInfo, co
     for name, program in programs.items():
         model = convert(program, info.target)
         if info.compression and compress_ops:
-            model = compress_model(model, info.compression, compress_ops)
+            model = compress_model(model, info.compression, compress_ops, info.palette_group_size)
         models[name] = model
     if len(models) == 1 and "main" in models:
         _stamp(models["main"], info).save(str(path))

@@ -4,7 +4,10 @@
   reference backend's parity tests;
 - exports/text, exports/label: their Core ML exports (`export_coreml`), and
   exports/{text,label}.interfaces.json: every function's declared inputs and outputs as the
-  saved packages state them, so the Swift tests check the manifest contract against real files.
+  saved packages state them, so the Swift tests check the manifest contract against real files;
+- noise/seed7.safetensors: a noise file as `starflow invert` writes it (`save_noise`), holding
+  the noise that seed 7 draws for the text model, so `generate(noise:)` is checked against
+  `generate(seed:)` through a file written by Python.
 
 Runs on Linux without PyTorch, from the repository root:
 
@@ -22,6 +25,8 @@ from pathlib import Path
 from mlx_starflow.convert.coreml.coremltools_api import ct, quiet
 from mlx_starflow.convert.coreml.export import export_coreml
 from mlx_starflow.convert.model import convert_model
+from mlx_starflow.noise_file import NOISE_FORMAT, save_noise
+from mlx_starflow.pipeline import seeded_noise
 
 REPO = Path(__file__).resolve().parents[4]
 FIXTURES = Path(os.environ.get("STARFLOW_FIXTURES", REPO.parent / "shared" / "fixtures")).resolve()
@@ -59,6 +64,9 @@ def main() -> None:
         partial = target.with_suffix(".json.partial")
         partial.write_text(json.dumps(declared_interfaces(export), indent=1, sort_keys=True) + "\n")
         os.replace(partial, target)
+    (GENERATED / "noise").mkdir(exist_ok=True)
+    save_noise(GENERATED / "noise" / "seed7.safetensors", seeded_noise([7], 4, 8, 8),
+               {"format": NOISE_FORMAT, "model": "flow", "size": "64x64", "prompts": "[\"\"]"}, overwrite=True)
     print(f"wrote {GENERATED}")
 
 

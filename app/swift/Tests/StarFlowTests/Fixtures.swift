@@ -43,6 +43,15 @@ enum Fixtures {
         return url
     }
 
+    /// A noise file written by Tests/Resources/make_test_resources.py (beside the models).
+    static func noise(_ name: String) throws -> URL {
+        let url = models.deletingLastPathComponent().appendingPathComponent("noise").appendingPathComponent(name)
+        guard FileManager.default.fileExists(atPath: url.path) else {
+            throw FixtureMissing(description: "\(url.path) is missing: run `.venv/bin/python app/swift/Tests/Resources/make_test_resources.py` from the repository root")
+        }
+        return url
+    }
+
     /// A Core ML export of a tiny fixture model and the interfaces its packages declare
     /// (`name.interfaces.json`), both written by Tests/Resources/make_test_resources.py.
     static func export(_ name: String) throws -> (folder: URL, interfaces: [String: ModelInterface]) {

@@ -60,7 +60,32 @@ public final class StarFlowGenerator: @unchecked Sendable {
     /// task, throws `CancellationError`.
     public func generate(prompt: String, configuration: GenerationConfiguration,
                          progress: ((SampleProgress) -> Bool)? = nil) throws -> GeneratedImage {
-        try running.withLock { try generateAlone(prompt: prompt, configuration: configuration, progress: progress) }
+        let noise = NumPyRandomSource.noise(seed: configuration.seed, shape: noiseShape)
+        return try running.withLock { try generateAlone(prompt: prompt, noise: noise, configuration: configuration, progress: progress) }
+    }
+
+    /// One image for `prompt` sampled from the given latent noise instead of the seed's (the seed
+    /// in `configuration` is ignored): Python's `generate --noise`. Pass one image of a
+    /// `NoiseFile` written by `starflow invert` to reproduce or edit the inverted image. The
+    /// noise must be (1, channels, height, width) of this export's latent, and finite.
+    public func generate(prompt: String, noise: Tensor, configuration: GenerationConfiguration,
+                         progress: ((SampleProgress) -> Bool)? = nil) throws -> GeneratedImage {
+        try check(noise: noise)
+        return try running.withLock { try generateAlone(prompt: prompt, noise: noise, configuration: configuration, progress: progress) }
+    }
+
+    /// The noise shape one generation samples from: (1, channels, height, width) of the latent.
+    public var noiseShape: [Int] { [1, latent.channels, latent.height, latent.width] }
+
+    private func check(noise: Tensor) throws {
+        guard noise.shape == noiseShape else {
+            let grid = "\(latent.width)x\(latent.height)"
+            throw StarFlowError.invalidArgument("the noise has shape \(noise.shape), but this export samples \(noiseShape) (one image, a \(grid) latent); "
+                                                + "pass one image of noise inverted at this export's size, or export for the noise's size")
+        }
+        guard noise.values.allSatisfy(\.isFinite) else {
+            throw StarFlowError.invalidArgument("the noise holds NaN or infinite values, which sample blank images; invert the image again")
+        }
     }
 
     /// `generate` off the caller's thread, for async code; cancelling the calling task stops it
@@ -74,10 +99,9 @@ public final class StarFlowGenerator: @unchecked Sendable {
         return try await withTaskCancellationHandler { try await task.value } onCancel: { task.cancel() }
     }
 
-    private func generateAlone(prompt: String, configuration: GenerationConfiguration,
+    private func generateAlone(prompt: String, noise: Tensor, configuration: GenerationConfiguration,
                                progress: ((SampleProgress) -> Bool)?) throws -> GeneratedImage {
         let condition = try encoder.map { encoder in try stage(encoder) { try encoder.condition(for: prompt) } }
-        let noise = NumPyRandomSource.noise(seed: configuration.seed, shape: [1, latent.channels, latent.height, latent.width])
         var sampling = configuration.sampling
         if condition == nil { sampling.guidance = 0 }
         let deep = blocks.count - 1

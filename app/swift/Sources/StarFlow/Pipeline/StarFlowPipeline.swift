@@ -75,6 +75,21 @@ public final class StarFlowPipeline: @unchecked Sendable {
         try generator.generate(prompt: prompt, configuration: configuration, progress: progress)
     }
 
+    /// One image for `prompt` sampled from `noise` (1, channels, height, width) instead of the
+    /// seed's: Python's `generate --noise`. Throws when the noise does not fit this export.
+    public func generate(prompt: String, noise: Tensor, configuration: Configuration = Configuration(),
+                         progress: ((SampleProgress) -> Bool)? = nil) throws -> GeneratedImage {
+        try generator.generate(prompt: prompt, noise: noise, configuration: configuration, progress: progress)
+    }
+
+    /// One image for `prompt` from image `index` of a noise file written by `starflow invert`,
+    /// after checking that the file was made with this export's model.
+    public func generate(prompt: String, noiseFile: NoiseFile, index: Int = 0, configuration: Configuration = Configuration(),
+                         progress: ((SampleProgress) -> Bool)? = nil) throws -> GeneratedImage {
+        try noiseFile.check(model: manifest.model?.name)
+        return try generate(prompt: prompt, noise: noiseFile.image(index), configuration: configuration, progress: progress)
+    }
+
     /// `generate` off the caller's thread, for async code; cancelling the calling task stops it between model calls.
     public func image(for prompt: String, configuration: Configuration = Configuration(),
                       progress: (@Sendable (SampleProgress) -> Bool)? = nil) async throws -> GeneratedImage {

@@ -24,6 +24,8 @@ public struct SafeTensorsFile {
 
     public let path: String
     public let entries: [String: Entry]
+    /// The header's `__metadata__` strings (empty when the file has none).
+    public let metadata: [String: String]
     private let data: Data
     private let dataStart: Int
 
@@ -39,7 +41,7 @@ public struct SafeTensorsFile {
         }
         let headerLength = try Self.headerLength(data, path: url.path)
         dataStart = 8 + headerLength
-        entries = try Self.parseHeader(data[8..<dataStart], payloadBytes: data.count - dataStart, path: url.path)
+        (entries, metadata) = try Self.parseHeader(data[8..<dataStart], payloadBytes: data.count - dataStart, path: url.path)
     }
 
     public var names: [String] { entries.keys.sorted() }
@@ -103,7 +105,7 @@ public struct SafeTensorsFile {
         return Int(length)
     }
 
-    private static func parseHeader(_ header: Data, payloadBytes: Int, path: String) throws -> [String: Entry] {
+    private static func parseHeader(_ header: Data, payloadBytes: Int, path: String) throws -> ([String: Entry], [String: String]) {
         guard let json = try? JSONSerialization.jsonObject(with: header) as? [String: Any] else {
             throw StarFlowError.invalidFile(path: path, problem: "the safetensors header is not a JSON object")
         }
@@ -111,7 +113,11 @@ public struct SafeTensorsFile {
         for (name, value) in json where name != "__metadata__" {
             entries[name] = try parseEntry(name, value, payloadBytes: payloadBytes, path: path)
         }
-        return entries
+        guard let raw = json["__metadata__"] else { return (entries, [:]) }
+        guard let metadata = raw as? [String: String] else {
+            throw StarFlowError.invalidFile(path: path, problem: "the safetensors __metadata__ is not a map of strings")
+        }
+        return (entries, metadata)
     }
 
     private static func parseEntry(_ name: String, _ value: Any, payloadBytes: Int, path: String) throws -> Entry {
