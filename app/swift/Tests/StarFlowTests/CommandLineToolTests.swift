@@ -43,6 +43,16 @@ struct CommandLineToolTests {
         #expect(try GenerateCommand.parse(["x", "--model", "m", "--sequential"]).configuration.method == .sequential)
     }
 
+    @Test func generateTakesNoiseInsteadOfASeed() throws {
+        let request = try GenerateCommand.parse(["x", "--model", "m", "--noise", "/tmp/cat.safetensors", "--noise-index", "2"])
+        #expect(request.noise?.file.path == "/tmp/cat.safetensors" && request.noise?.index == 2)
+        #expect(try GenerateCommand.parse(["x", "--model", "m", "--noise", "n.safetensors"]).noise?.index == 0)
+        #expect(try GenerateCommand.parse(["x", "--model", "m"]).noise == nil)
+        for arguments in [["--noise", "n.safetensors", "--seed", "3"], ["--noise-index", "1"], ["--noise", "n.safetensors", "--noise-index", "-1"]] {
+            #expect(throws: UsageError.self, "\(arguments)") { try GenerateCommand.parse(["x", "--model", "m"] + arguments) }
+        }
+    }
+
     @Test func jacobiSettingsBesideSequentialAreAMistake() {
         #expect(throws: UsageError.self) {
             try GenerateCommand.parse(["x", "--model", "m", "--sequential", "--jacobi-max-iter", "4"])
