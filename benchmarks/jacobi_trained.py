@@ -29,7 +29,7 @@ SAMPLES_PER_CLASS = 2
 BATCH_SIZE = 8
 SEED = 0
 SETTINGS = (
-    Jacobi(16, 1e-3), Jacobi(32, 1e-2), Jacobi(32, 1e-3), Jacobi(64, 1e-2),
+    Jacobi(16, 1e-3), Jacobi(32, 1e-2), Jacobi(32, 1e-3), Jacobi(64, 1e-2), Jacobi(64, 1e-3),
     Jacobi(16, 1e-3, init="carry"), Jacobi(32, 1e-2, init="carry"), Jacobi(32, 1e-3, init="carry"),
     Jacobi(32, 3e-2, deep_threshold=1e-2, init="carry"),
     Jacobi(64, 3e-2, deep_threshold=1e-2, init="carry"),

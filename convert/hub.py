@@ -25,8 +25,9 @@ from typing import Any
 
 from mlx_starflow.errors import ConfigError, InputError, ModelNotFound, StarFlowError
 from mlx_starflow.model_folder import read_model_folder
-from mlx_starflow.model_io import folder_kind, sha256_file
+from mlx_starflow.model_io import folder_kind, read_marker, sha256_file
 
+from .checkpoint import open_checkpoint
 from .tensors import atomic_file
 from .model import convert_model
 from .official_config import read_official_config
@@ -117,6 +118,8 @@ HUB_MODELS: dict[str, HubModel] = {
 DEFAULT_MODEL = "apple/starflow"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DIGESTS_FILE = "digests.json"
+MAX_REF_BYTES = 1024
+"""A cache ref holds one commit hash."""
 
 
 # ---- where things live ----------------------------------------------------------------------
@@ -210,8 +213,11 @@ def cached_snapshot(repo_id: str) -> Path | None:
     """The cache's snapshot folder of the repository's `refs/main` revision, read from disk
     (no huggingface_hub import, no network: an offline answer comes at once)."""
     base = hub_cache() / f"models--{repo_id.replace('/', '--')}"
+    ref = base / "refs" / "main"
     try:
-        revision = (base / "refs" / "main").read_text().strip()
+        if not ref.is_file() or ref.stat().st_size > MAX_REF_BYTES:  # a FIFO or a huge file is no revision
+            return None
+        revision = ref.read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
     snapshot = base / "snapshots" / revision
@@ -327,11 +333,9 @@ def checkpoint_digest(path: Path) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    """An index or the digest memo, read with the bounded JSON reader; a damaged one reads as empty
+    (an unusable index, a digest computed again)."""
+    return read_marker(path) or {}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -375,7 +379,8 @@ def resolve_model(
             raise InputError(f"{path} is a converted model folder; {', '.join(given)} apply only when converting a checkpoint (--model FILE)")
         return path
     parts = {role: _local_part(role, value) for role, value in local.items() if value is not None}
-    if path.is_file():
+    if path.exists():
+        open_checkpoint(path)  # a damaged, truncated or non-regular file is refused before anything is fetched
         config = HUB_MODELS[DEFAULT_MODEL].config_path()
         return _converted(path.stem, config, path, dtype, quantize, offline, notify, progress, parts)
     if REPO_ID.match(model):

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlx_starflow.config import DTYPES, FlowConfig, LabelConfig, T5Config, VAEConfig
-from mlx_starflow.errors import ConfigError, ModelNotFound, OutputExists
-from mlx_starflow.model_io import atomic_folder, read_manifest, sha256_file, write_manifest
+from mlx_starflow.errors import ConfigError, ModelNotFound
+from mlx_starflow.model_io import atomic_folder, check_output_folder, read_manifest, sha256_file, write_manifest
 from mlx_starflow.model_io import MODEL_KIND
 
 from .flow import write_flow
@@ -104,8 +104,7 @@ def convert_model(
     flow_config(official, txt_dim=1, dtype=dtype)  # range checks, before the checkpoint is hashed
     if text_encoder_dtype not in DTYPES:
         raise ConfigError(f"text encoder dtype must be one of {', '.join(DTYPES)}, not {text_encoder_dtype!r}")
-    if out.exists() and not force:
-        raise OutputExists(f"{out} already exists; pass --force to replace it")
+    check_output_folder(out, force, MODEL_KIND)
     sources = [{"path": str(src.resolve()), "sha256": source_sha256 or sha256_file(src)}]
     with atomic_folder(out, force=force, kind=MODEL_KIND) as tmp:
         flow = write_flow(tmp / "flow", src, sources[0]["sha256"], official, dtype=dtype, quantize=quantize, progress=progress)

@@ -87,6 +87,12 @@ def load_image_folder(folder: str | Path, size: int, captions: str | Path | None
         raise InputError(f"{folder} is empty; put the images and a {CAPTIONS_FILE} (`file<TAB>caption` per line) in it")
     captions_path = Path(captions) if captions else folder / CAPTIONS_FILE
     pairs = read_captions(captions_path)
+    root = folder.resolve()
+    outside = [name for name, _ in pairs if not _inside(root, name)]
+    if outside:  # refused before anything is opened: a captions file must not read files elsewhere
+        shown = ", ".join(outside[:5]) + (f" … ({len(outside)} in all)" if len(outside) > 5 else "")
+        raise InputError(f"{captions_path} names files outside the data folder {folder}: {shown}; "
+                         "list only images inside it, by their path relative to it")
     missing = [name for name, _ in pairs if not (folder / name).is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (f" … ({len(missing)} in all)" if len(missing) > 5 else "")
@@ -104,6 +110,14 @@ def load_image_folder(folder: str | Path, size: int, captions: str | Path | None
     source = {"path": str(folder), "captions": str(captions_path),
               "captions_sha256": sha256_file(captions_path), "images": len(kept), "skipped": len(skipped)}
     return ImageData(np.stack(images), tuple(kept), tuple(skipped), source)
+
+
+def _inside(root: Path, name: str) -> bool:
+    """Whether `name` (a captions entry) resolves, symbolic links followed, to a path inside `root`."""
+    try:
+        return (root / name).resolve().is_relative_to(root)
+    except (OSError, ValueError, RuntimeError):  # a NUL byte in the name, a symbolic-link loop
+        return False
 
 
 def heldout_split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

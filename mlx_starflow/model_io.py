@@ -26,7 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import read_json_object
-from .errors import ConfigError, ModelNotFound, OutputExists, WeightsError, listing, name_os_error
+from .errors import ConfigError, ModelNotFound, OutputExists, StarFlowError, WeightsError, listing, name_os_error
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -58,10 +58,7 @@ def atomic_folder(out: str | Path, force: bool = False, kind: str | None = None)
     is not overwritten. Temporaries that an interrupted run of ours left beside `out` go first.
     """
     out = Path(out)
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise OutputExists(f"{out} already exists; pass --force to replace it")
-        check_replaceable(out, kind)
+    check_output_folder(out, force, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
@@ -84,6 +81,16 @@ def atomic_folder(out: str | Path, force: bool = False, kind: str | None = None)
         raise
 
 
+def check_output_folder(out: Path, force: bool, kind: str | None) -> None:
+    """Refuse an existing `out` that may not be written: without `force` any (offering --force
+    only where it would work), with it one `check_replaceable` refuses. Commands call this before
+    their slow work; `atomic_folder` calls it again."""
+    if out.exists() or out.is_symlink():
+        check_replaceable(out, kind)
+        if not force:
+            raise OutputExists(f"{out} already exists; pass --force to replace it")
+
+
 def _claim(tmp: Path, out: Path) -> None:
     """Rename `tmp` to a free `out`; another run that took the name first wins, and this one says so."""
     if out.exists():
@@ -98,12 +105,10 @@ def _claim(tmp: Path, out: Path) -> None:
 
 def folder_kind(folder: str | Path) -> str | None:
     """What our manifest says a folder is (`starflow.model`, …, or the format of another of our
-    outputs, e.g. a Core ML export), or None for a folder we did not write."""
-    try:
-        manifest = json.loads((Path(folder) / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(FORMAT_NAME):
+    outputs, e.g. a Core ML export), or None for a folder we did not write (or whose manifest is
+    damaged, a FIFO, or too big or deep to be one of ours)."""
+    manifest = read_marker(Path(folder) / MANIFEST_FILE)
+    if manifest is None or not str(manifest.get("format", "")).startswith(FORMAT_NAME):
         return None
     return str(manifest.get("kind") if manifest.get("format") == FORMAT_NAME else manifest.get("format"))
 
@@ -115,7 +120,7 @@ def check_replaceable(out: Path, kind: str | None) -> None:
     found = folder_kind(out) if out.is_dir() and not out.is_symlink() else None
     if found is None or (kind is not None and found != kind):
         what = "a folder of another kind" if found else "not a folder this program wrote"
-        raise OutputExists(f"{out} is {what} (its manifest.json does not name it a {kind or 'mlx-starflow'} output), "
+        raise OutputExists(f"{out} already exists and is {what} (its manifest.json does not name it a {kind or 'mlx-starflow'} output), "
                            f"so --force will not replace it; remove it yourself or choose another output")
 
 
@@ -189,9 +194,9 @@ def read_manifest(folder: str | Path, verify_hashes: bool = False) -> dict:
     if not folder.is_dir():
         raise ModelNotFound(f"no model folder at {folder}")
     path = folder / MANIFEST_FILE
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         raise ConfigError(f"{folder} has no {MANIFEST_FILE}: the conversion did not finish or this is not a converted folder; convert it again")
-    manifest = read_json_object(path, "convert the model again")
+    manifest = read_json_object(path, "convert the model again")  # refuses a FIFO or device without opening it
     if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
         raise ConfigError(
             f"{folder} was written by an incompatible converter (format {manifest.get('format')!r} "
@@ -200,6 +205,9 @@ def read_manifest(folder: str | Path, verify_hashes: bool = False) -> dict:
     files = manifest.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(i, dict) and "bytes" in i and "sha256" in i for i in files.values()):
         raise ConfigError(f"{path} is malformed (its files list); convert the model again")
+    sources = manifest.get("sources", [])
+    if not isinstance(sources, list) or not all(isinstance(source, dict) for source in sources):
+        raise ConfigError(f"{path} is malformed (its sources list); convert the model again")
     for name, info in files.items():
         parts = Path(name).parts
         # a listed file must lie inside the folder and be a name the OS accepts (else stat raises)
@@ -260,12 +268,19 @@ def verify_folder(path: str | Path) -> int:
     return checked
 
 
-def _read_record(folder: Path) -> dict[str, Any]:
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """A JSON object of ours that only tells something (a manifest read to recognise a folder, a
+    verification record, a run marker), or None when it is missing, not a regular file, or
+    damaged: the caller then treats the folder as not ours or not verified, never as an error."""
     try:
-        record = json.loads((folder / VERIFIED_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+        return read_json_object(path, "")
+    except (StarFlowError, OSError):
+        return None
+
+
+def _read_record(folder: Path) -> dict[str, Any]:
+    """A damaged record means nothing was verified: every file is hashed again and the record rewritten."""
+    return read_marker(folder / VERIFIED_FILE) or {}
 
 
 def _write_record(folder: Path, record: dict[str, Any]) -> None:

@@ -8,18 +8,23 @@ own. It is written in a temporary folder and renamed into place whole; then the 
 interruption at any instant leaves `latest` on a complete checkpoint, and `--resume` goes on
 from it. `RUN/model` and `RUN/optimizer` are fixed links through `latest`; `RUN/run.json`
 marks the folder as a run of ours (what `--force` may start over); `RUN/samples/` holds the
-sample grids.
+sample grids. A run holds an exclusive lock on `RUN/.run.lock` while it writes, so two runs
+into one folder never both go on; the lock ends with the process, however it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
+import stat
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -29,28 +34,30 @@ from .config import FlowConfig, LabelConfig, read_json_object
 from .errors import ConfigError, OutputExists
 from .flow import StarFlow
 from .labels import LabelEncoder
-from .model_io import FORMAT_NAME, MODEL_KIND, atomic_folder, is_stale_temporary, read_manifest, save_weights, write_manifest
+from .model_folder import read_model_folder
+from .model_io import FORMAT_NAME, MODEL_KIND, atomic_folder, is_stale_temporary, read_manifest, read_marker, save_weights, write_manifest
 
 MODEL_FOLDER, OPTIMIZER_FOLDER, SAMPLES_FOLDER = "model", "optimizer", "samples"
-CHECKPOINTS_FOLDER, LATEST, RUN_FILE = "checkpoints", "latest", "run.json"
+CHECKPOINTS_FOLDER, LATEST, RUN_FILE, LOCK_FILE = "checkpoints", "latest", "run.json", ".run.lock"
 OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "state.json"
 RUN_KIND, CHECKPOINT_KIND = "starflow.training_run", "starflow.checkpoint"
 CARRIED_COMPONENTS = ("text_encoder", "vae", "decoder")
 """Frozen components of a parent model, copied unchanged into every checkpoint."""
+T = TypeVar("T")
 
 
 def is_run_folder(out: Path) -> bool:
-    """Whether `out` is a training run folder of ours (its `run.json` says so)."""
-    try:
-        marker = json.loads((out / RUN_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(marker, dict) and marker.get("format") == FORMAT_NAME and marker.get("kind") == RUN_KIND
+    """Whether `out` is a training run folder of ours (its `run.json` says so); a damaged,
+    oversized or non-regular `run.json` (a FIFO) is not ours and is never waited on."""
+    marker = read_marker(out / RUN_FILE)
+    return marker is not None and marker.get("format") == FORMAT_NAME and marker.get("kind") == RUN_KIND
 
 
 def check_new_run(out: Path, force: bool) -> None:
     """Refuse a new run in a folder that holds anything, unless `force` and it is a run of ours."""
-    if out.exists() and any(out.iterdir()):
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputExists(f"{out} is not a folder; choose another --out")
+    if out.exists() and any(path.name != LOCK_FILE for path in out.iterdir()):
         if not force:
             raise OutputExists(f"{out} already exists; pass --resume to continue that run or --force to start over")
         if not is_run_folder(out):
@@ -58,18 +65,76 @@ def check_new_run(out: Path, force: bool) -> None:
                                "remove it yourself or choose another --out")
 
 
+@contextlib.contextmanager
+def claimed_run(out: Path, check: Callable[[], T]) -> Iterator[T]:
+    """Hold the run folder `out` for this run alone while the body runs; yields what `check` returns.
+
+    `check` refuses a folder this run may not write (`check_new_run`, or reading the state to
+    resume); it runs before anything is created, so a refused folder of the user's is left as it
+    was, and again once the lock is held, since another run may have changed the folder in
+    between. A second run into the same folder is refused at once. If the body fails (an
+    interruption during setup included) before a checkpoint is committed in a folder this run
+    created, the folder is removed again.
+    """
+    check()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir()
+        created = True
+    except FileExistsError:
+        created = False
+    with _locked(out):
+        try:
+            yield check()
+        except BaseException:
+            if created and not (out / LATEST).is_symlink():
+                shutil.rmtree(out, ignore_errors=True)  # under the lock: a run waiting for it then refuses
+            raise
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """An exclusive lock on `out/.run.lock`, taken without waiting; the OS releases it when the
+    process ends, so a killed run never leaves a stale lock."""
+    path = out / LOCK_FILE
+    in_use = f"{out} is in use by another training run; wait for it to finish or choose another --out"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OutputExists(f"{path} is a symbolic link, not our lock file; remove it and run again") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OutputExists(f"{path} is not a regular file, so it is not our lock file; remove it and run again")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputExists(in_use) from None
+        try:
+            current = os.stat(path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            current = None
+        if current != os.fstat(fd).st_ino:  # the folder was removed and made again by another run meanwhile
+            raise OutputExists(in_use)
+        yield
+    finally:
+        os.close(fd)
+
+
 def start_run(out: Path) -> None:
-    """Make `out` a fresh run folder (checked by `check_new_run`): our checkpoints and samples go,
-    nothing else in it is touched, and the marker is written."""
+    """Make the claimed folder `out` a fresh run folder (checked by `check_new_run`): our
+    checkpoints and samples go, nothing else in it is touched, and the marker is written."""
     for name in (LATEST, MODEL_FOLDER, OPTIMIZER_FOLDER, CHECKPOINTS_FOLDER, SAMPLES_FOLDER):
         path = out / name
         if path.is_symlink() or path.is_file():
             path.unlink()
         elif path.is_dir():
             shutil.rmtree(path)
-    out.mkdir(parents=True, exist_ok=True)
     marker = {"format": FORMAT_NAME, "kind": RUN_KIND, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (out / RUN_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+    tmp = out / f".{RUN_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(marker, indent=2) + "\n")
+    os.replace(tmp, out / RUN_FILE)  # replaces whatever stood there (even a FIFO) without opening it
 
 
 def save_checkpoint(out: Path, model: StarFlow, optimizer: optim.Optimizer, state: dict[str, Any], training: dict[str, Any],
@@ -146,10 +211,14 @@ def read_run_state(out: Path) -> dict[str, Any]:
         raise ConfigError(f"{out} holds no training checkpoint ({LATEST}/ pointing at {CHECKPOINTS_FOLDER}/step-N); start a run with --out instead")
     read_manifest(latest)
     state = read_json_object(latest / OPTIMIZER_FOLDER / STATE_FILE, "start a new run")
-    trained = read_manifest(latest / MODEL_FOLDER).get("training", {})
+    trained = read_model_folder(latest / MODEL_FOLDER).manifest.get("training")
+    trained = trained if isinstance(trained, dict) else {}
     if trained.get("step") != state.get("step"):
         raise ConfigError(f"{out}: the latest checkpoint's model is at step {trained.get('step')} but its optimizer state at step "
                           f"{state.get('step')}; start a new run")
+    if not (type(state.get("step")) is int and state["step"] >= 0
+            and all(type(state.get(key)) in (int, float) and state[key] >= 0 for key in ("train_seconds", "wall_seconds"))):
+        raise ConfigError(f"{latest / OPTIMIZER_FOLDER / STATE_FILE} is damaged (its step and times); start a new run")
     return state
 
 

@@ -243,8 +243,9 @@ class Jacobi:
 
 JACOBI_PRESETS: dict[str, Jacobi] = {
     "official": Jacobi(block_size=16, threshold=1e-3, max_iter=32),
-    "fast": Jacobi(block_size=64, threshold=1e-3, max_iter=32, init="carry"),
+    "fast": Jacobi(block_size=64, threshold=1e-2, max_iter=32, deep_threshold=1e-3, init="carry"),
 }
-"""Named Jacobi settings: `official` is the official script's; `fast` reads the weights over 4×
-fewer times than sequential decoding on the trained demo model at unchanged classifier accuracy
-and the closest agreement with the sequential samples among such settings (README, Benchmarks)."""
+"""Named Jacobi settings: `official` is the official script's; `fast` keeps the official
+precision in the deep block, where the content is decided, and loosens the shallow blocks: on
+the trained demo model it reads the weights over 4× fewer times than sequential decoding at
+unchanged classifier accuracy (README, Benchmarks)."""

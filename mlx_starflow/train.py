@@ -40,11 +40,11 @@ from .flow import StarFlow
 from .image import decoded_to_uint8, make_grid, save_png, uint8_to_model_input
 from .labels import LabelEncoder, UnknownLabel
 from .model_folder import Condition, ModelParts
-from .model_io import MANIFEST_FILE, sha256_file
+from .model_io import MANIFEST_FILE, load_weights, sha256_file
 from .pipeline import StarFlowPipeline, with_guidance
 from .run_folder import (
-    LATEST, MODEL_FOLDER, OPTIMIZER_FOLDER, SAMPLES_FOLDER, check_new_run, check_resumable, read_run_state, restore_optimizer,
-    save_checkpoint, start_run,
+    LATEST, MODEL_FOLDER, OPTIMIZER_FOLDER, SAMPLES_FOLDER, check_new_run, check_resumable, claimed_run, read_run_state,
+    restore_optimizer, save_checkpoint, start_run,
 )
 from .sampling import LOG2_PIXEL_SCALE, bits_per_dim, nll_per_sample
 from .vae import VAE
@@ -58,7 +58,8 @@ _STEP_STREAM, _EVAL_STREAM = 11, 13
 class TrainSettings:
     """Everything that decides a run's numbers, plus how often it writes checkpoints and samples.
 
-    `warmup_steps=None` means one epoch of the training images, the official default.
+    `warmup_steps=None` means one epoch of the training images, the official default. A value
+    out of range is an `InputError` naming the `starflow train` option that sets it.
     """
 
     steps: int = 1000
@@ -80,28 +81,29 @@ class TrainSettings:
     """Fields that change what is written along the way, not the trained weights."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise InputError(f"steps and batch_size must be at least 1, got {self.steps} and {self.batch_size}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise InputError(f"learning rates must satisfy 0 <= min_lr <= lr, got min_lr {self.min_lr} and lr {self.lr}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise InputError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise InputError("grad_clip and weight_decay must be 0 or more (grad_clip 0 turns clipping off)")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise InputError(f"AdamW betas must be in [0, 1), got {self.beta1} and {self.beta2}")
-        if not 0 <= self.seed < 2**32:
-            raise InputError(f"seed must be in 0 … 2^32-1, got {self.seed}")
-        if not 0 <= self.heldout < 1:
-            raise InputError(f"heldout is the held-out share of the images, in [0, 1), got {self.heldout}")
-        if self.checkpoint_every < 0 or self.sample_every < 0:
-            raise InputError("checkpoint_every and sample_every must be 0 (off) or more")
+        for name in ("steps", "batch_size"):
+            _require(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "checkpoint_every", "sample_every"):
+            _require(getattr(self, name) >= 0, name, "must be 0 or more", getattr(self, name))
+        _require(self.min_lr <= self.lr, "min_lr", f"must not exceed --lr ({self.lr})", self.min_lr)
+        _require(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", "must be 0 or more", self.warmup_steps)
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1, name, "(AdamW) must be in [0, 1)", getattr(self, name))
+        _require(0 <= self.seed < 2**32, "seed", "must be in 0 … 2^32-1", self.seed)
+        _require(0 <= self.heldout < 1, "heldout", "is the held-out share of the images, in [0, 1)", self.heldout)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def numeric(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in self.RUN_ONLY}
+
+
+def _require(ok: bool, field: str, rule: str, value: Any) -> None:
+    """Refuse a setting with the option that sets it (`batch_size` is `--batch-size`)."""
+    if not ok:
+        option = field if field.startswith("beta") else "--" + field.replace("_", "-")
+        raise InputError(f"{option} {rule}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -384,13 +386,17 @@ def train(
     resume: bool = False,
     force: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> Generator[TrainProgress, None, None]:
     """Train `base.flow` on `data`, yielding after every step; checkpoints go to the run folder `out`.
 
     Everything is checked before anything is written: a new run refuses an existing `out`
     unless `force`; `resume` continues `out` from its last checkpoint and refuses a run made with
-    another config, classes, data or settings. When `should_stop()` turns true a checkpoint is
-    written and the last item has `stopped` set. The final checkpoint is always written.
+    another config, classes, data or settings. The run holds `out` alone (`claimed_run`): a
+    second run into it is refused, and a new folder whose setup fails is removed again.
+    `on_start()` is called once setup is done, just before the first step (the app arms its
+    finish-the-step interrupt handler there); when `should_stop()` then turns true a checkpoint
+    is written and the last item has `stopped` set. The final checkpoint is always written.
     """
     out = Path(out)
     model, config = base.flow, base.flow.config
@@ -399,85 +405,90 @@ def train(
         raise InputError(f"batch size {settings.batch_size} is larger than the {len(train_rows)} training images; lower the batch size")
     expected = {"flow_config": config.to_dict(), "labels": list(base.labels.labels) if base.labels else None,
                 "data_fingerprint": data.fingerprint(), "settings": settings.numeric()}
-    start, seconds, wall_before = 0, 0.0, 0.0
-    if resume:
+
+    def check() -> dict[str, Any] | None:
+        if not resume:
+            check_new_run(out, force)
+            return None
         state = read_run_state(out)
         check_resumable(out, state, expected)
-        start, seconds, wall_before = state["step"], state["train_seconds"], state["wall_seconds"]
-        if start >= settings.steps:
+        if state["step"] >= settings.steps:
             raise TrainingError(f"{out} already finished its {settings.steps} steps; start a new run to train more")
-    else:
-        check_new_run(out, force)
+        return state
 
-    conditions = encode_conditions(base, data.captions)
-    space = to_model_space(base, data, conditions)
-    train_space = _subset(space, train_rows)
-    heldout_space = _subset(space, heldout_rows) if len(heldout_rows) else None
-    if resume:
-        model.load_weights(str(out / LATEST / MODEL_FOLDER / "flow" / "model.safetensors"), strict=True)
-    else:
-        start_run(out)
-    optimizer = make_optimizer(model, settings)
-    if resume:
-        restore_optimizer(optimizer, model, out / LATEST / OPTIMIZER_FOLDER)
-    step_fn = make_train_step(model, optimizer, settings.grad_clip)
-    warmup = settings.warmup_steps if settings.warmup_steps is not None else len(train_rows) // settings.batch_size
+    with claimed_run(out, check) as state:
+        start, seconds, wall_before = (state["step"], state["train_seconds"], state["wall_seconds"]) if state else (0, 0.0, 0.0)
+        conditions = encode_conditions(base, data.captions)
+        space = to_model_space(base, data, conditions)
+        train_space = _subset(space, train_rows)
+        heldout_space = _subset(space, heldout_rows) if len(heldout_rows) else None
+        if resume:
+            load_weights(model, out / LATEST / MODEL_FOLDER / "flow")
+        else:
+            start_run(out)
+        optimizer = make_optimizer(model, settings)
+        if resume:
+            restore_optimizer(optimizer, model, out / LATEST / OPTIMIZER_FOLDER)
+        step_fn = make_train_step(model, optimizer, settings.grad_clip)
+        warmup = settings.warmup_steps if settings.warmup_steps is not None else len(train_rows) // settings.batch_size
 
-    prompts = _sample_prompts(space)
-    pipeline = base.pipeline()
-    training = {
-        "command": command, "parent": base.source, "data": data.source, "seed": settings.seed,
-        "settings": settings.to_dict(), "warmup_steps_used": warmup, "training_images": len(train_rows),
-        "heldout_images": len(heldout_rows), "skipped_images": len(data.skipped), "hardware": hardware(),
-    }
+        prompts = _sample_prompts(space)
+        pipeline = base.pipeline()
+        training = {
+            "command": command, "parent": base.source, "data": data.source, "seed": settings.seed,
+            "settings": settings.to_dict(), "warmup_steps_used": warmup, "training_images": len(train_rows),
+            "heldout_images": len(heldout_rows), "skipped_images": len(data.skipped), "hardware": hardware(),
+        }
 
-    def evaluate() -> float | None:
-        if heldout_space is None:
-            return None
-        return heldout_bits_per_dim(model, heldout_space, config.noise_std, settings.seed, settings.batch_size)
+        def evaluate() -> float | None:
+            if heldout_space is None:
+                return None
+            return heldout_bits_per_dim(model, heldout_space, config.noise_std, settings.seed, settings.batch_size)
 
-    def checkpoint(step: int, heldout: float | None) -> Path:
-        wall = wall_before + time.perf_counter() - started
-        state = {**expected, "step": step, "train_seconds": seconds, "wall_seconds": wall}
-        record = {**training, "step": step, "train_seconds": round(seconds, 1), "wall_seconds": round(wall, 1),
-                  **_bits_record(heldout, base.is_pixel_model)}
-        return save_checkpoint(out, model, optimizer, state, record, base.source, base.labels, base.folder)
+        def checkpoint(step: int, heldout: float | None) -> Path:
+            wall = wall_before + time.perf_counter() - started
+            state = {**expected, "step": step, "train_seconds": seconds, "wall_seconds": wall}
+            record = {**training, "step": step, "train_seconds": round(seconds, 1), "wall_seconds": round(wall, 1),
+                      **_bits_record(heldout, base.is_pixel_model)}
+            return save_checkpoint(out, model, optimizer, state, record, base.source, base.labels, base.folder)
 
-    def samples(step: int) -> Path:
-        path = out / SAMPLES_FOLDER / f"step-{step:06d}.png"
-        tiles = sample_images(pipeline, prompts, space.table[-1:], settings.seed, settings.sample_guidance)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid = make_grid(list(tiles), columns=min(len(tiles), 8))
-        save_png(Image.fromarray(grid.transpose(1, 2, 0)), path, {"step": str(step)}, overwrite=True)
-        return path
+        def samples(step: int) -> Path:
+            path = out / SAMPLES_FOLDER / f"step-{step:06d}.png"
+            tiles = sample_images(pipeline, prompts, space.table[-1:], settings.seed, settings.sample_guidance)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid = make_grid(list(tiles), columns=min(len(tiles), 8))
+            save_png(Image.fromarray(grid.transpose(1, 2, 0)), path, {"step": str(step)}, overwrite=True)
+            return path
 
-    started = time.perf_counter()
-    initial = evaluate()
-    training["heldout_bits_per_dim_at_start"] = None if initial is None else round(initial, 4)
-    for step in range(start, settings.steps):
-        lr = learning_rate(step, settings.lr, settings.min_lr, warmup, settings.steps)
-        optimizer.learning_rate = lr
-        x, y = training_batch(train_space, config, settings, step)
-        tick = time.perf_counter()
-        loss, nll = step_fn(x, y)
-        mx.eval(loss, nll, model.state, optimizer.state)
-        seconds += time.perf_counter() - tick
-        if not math.isfinite(loss.item()):
-            raise TrainingError(f"the loss became {loss.item()} at step {step + 1}; lower the learning rate or the gradient clip")
-        done = step + 1
-        stop = should_stop() if should_stop else False
-        last = done == settings.steps or stop
-        heldout = None
-        saved = sample_path = None
-        if last or (settings.checkpoint_every and done % settings.checkpoint_every == 0):
-            heldout = evaluate()
-            saved = checkpoint(done, heldout)
-        if settings.sample_every and (done % settings.sample_every == 0 or (last and not stop)):
-            sample_path = samples(done)
-        yield TrainProgress(done, settings.steps, loss.item(), bits_per_dim(nll).item(), lr, time.perf_counter() - started,
-                            heldout, initial if step == start else None, saved, sample_path, stop)
-        if stop:
-            return
+        started = time.perf_counter()
+        initial = evaluate()
+        training["heldout_bits_per_dim_at_start"] = None if initial is None else round(initial, 4)
+        if on_start is not None:
+            on_start()
+        for step in range(start, settings.steps):
+            lr = learning_rate(step, settings.lr, settings.min_lr, warmup, settings.steps)
+            optimizer.learning_rate = lr
+            x, y = training_batch(train_space, config, settings, step)
+            tick = time.perf_counter()
+            loss, nll = step_fn(x, y)
+            mx.eval(loss, nll, model.state, optimizer.state)
+            seconds += time.perf_counter() - tick
+            if not math.isfinite(loss.item()):
+                raise TrainingError(f"the loss became {loss.item()} at step {step + 1}; lower the learning rate or the gradient clip")
+            done = step + 1
+            stop = should_stop() if should_stop else False
+            last = done == settings.steps or stop
+            heldout = None
+            saved = sample_path = None
+            if last or (settings.checkpoint_every and done % settings.checkpoint_every == 0):
+                heldout = evaluate()
+                saved = checkpoint(done, heldout)
+            if settings.sample_every and (done % settings.sample_every == 0 or (last and not stop)):
+                sample_path = samples(done)
+            yield TrainProgress(done, settings.steps, loss.item(), bits_per_dim(nll).item(), lr, time.perf_counter() - started,
+                                heldout, initial if step == start else None, saved, sample_path, stop)
+            if stop:
+                return
 
 
 def _subset(space: ModelSpaceData, rows: np.ndarray) -> ModelSpaceData:

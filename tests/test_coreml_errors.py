@@ -98,7 +98,7 @@ def test_an_existing_output_is_refused_unless_forced(label_model: Path, tmp_path
     out = tmp_path / "export"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    refused(capsys, ["export-coreml", str(label_model), "--out", str(out)], "already exists; pass --force", out)
+    refused(capsys, ["export-coreml", str(label_model), "--out", str(out)], "already exists and is not a folder this program wrote", out)
     assert (out / "keep.txt").read_text() == "mine"
     refused(capsys, ["export-coreml", str(label_model), "--out", str(out), "--force", "--no-score-step"], "--force will not replace it", out)
     assert (out / "keep.txt").read_text() == "mine", "--force replaces only an export of ours"

@@ -329,6 +329,28 @@ def test_split_einsum_float16_with_the_stateful_cache(flow, step_calls, tmp_path
         assert max(max_abs(a, a_ref), max_abs(b, b_ref)) < STEP_FLOAT16_BUDGET
 
 
+ANE_PALETTE_BUDGET = {"palette8": 0.06, "palette4": 0.3}
+"""Max |Δ| of the palettized split-einsum deep block's float16 stateful steps against float32 MLX.
+Measured: palette8 0.020, palette4 0.110 (two layers and the text prefix, so above the shallow
+block's numbers)."""
+
+
+@pytest.mark.parametrize("compression", ["palette8", "palette4"])
+def test_split_einsum_palettized_for_the_neural_engine(flow, step_calls, tmp_path: Path, compression: str) -> None:
+    """What the README recommends for the Neural Engine: the 1×1-convolution layout with its
+    (out, in, 1, 1) kernels palettized (one table per 16 output channels), float16 stateful steps."""
+    plan = deep_plan()
+    programs = block_programs(flow.config, block_arrays(flow, 5), plan, 0, "split-einsum", "float16", "state",
+                              WeightCompression(compression, 128 * 128 - 1))
+    save_package(programs, tmp_path / "ane.mlpackage", info("float16", compression, "split-einsum"))
+    program = load_program(tmp_path / "ane.mlpackage")
+    kernels = [op.outputs[0].shape for op in program.functions["step_4"].operations if op.op_type == "constexpr_lut_to_dense"]
+    assert len(kernels) == 8 and all(len(shape) == 4 for shape in kernels), kernels
+    text, calls = step_calls
+    for (a, b), (a_ref, b_ref) in zip(run_steps(program, flow, plan, "state", text, calls), mlx_steps(flow, text, plan, calls)):
+        assert max(max_abs(a, a_ref), max_abs(b, b_ref)) < ANE_PALETTE_BUDGET[compression]
+
+
 def test_ios_export_splits_the_deep_block_under_the_limit(fixtures_dir: Path, tmp_path: Path) -> None:
     """A limit between one and two layers splits the 2-layer deep block into two packages chained through `next_hidden` → `hidden`;
     the iOS export keeps the score step, as `forward`/`vjp` in the split packages, and denoises like MLX."""

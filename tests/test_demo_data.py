@@ -90,3 +90,20 @@ def test_force_replaces_a_previous_data_set_only(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--force will not replace it" in err and len(err.strip().splitlines()) == 1
     assert (mine / "captions.tsv").read_text() == "my own\tcaptions\n" and not (mine / "images").exists()
+
+
+def test_a_folder_that_is_not_ours_is_not_offered_force(tmp_path, capsys):
+    """Without --force, a folder --force would not replace either says so, instead of 'pass --force'."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main(["demo-data", str(mine), "--count", "12", "--size", "8"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "pass --force" not in err, err
+    assert "is not a folder this program wrote" in err and "remove it yourself or choose another output" in err, err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    previous = tmp_path / "previous"
+    assert main(["demo-data", str(previous), "--count", "12", "--size", "8"]) == 0
+    capsys.readouterr()
+    assert main(["demo-data", str(previous), "--count", "12", "--size", "8"]) == 1
+    assert "already exists; pass --force to replace it" in capsys.readouterr().err, "our own data set is offered --force"

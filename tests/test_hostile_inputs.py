@@ -11,10 +11,13 @@ entries; converted weights damaged in place before `export-pth`; a noise file on
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
+import stat
 import struct
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -336,3 +339,85 @@ def test_the_loser_of_a_concurrent_folder_write_gets_one_readable_line(monkeypat
     one_error_line(code, err, f"{out} was written by another run meanwhile")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
     assert snapshot(out) == {"theirs.txt": b"the other run's"}
+
+
+# ---- manifests and verification records that are FIFOs, nested too deep, or damaged --------------
+
+DEMO = Path(__file__).resolve().parents[1] / "weights" / "demo"
+DEEP_JSON = "[" * 200_000 + "]" * 200_000
+"""Nested far past Python's recursion limit: the plain `json` module dies on it."""
+
+
+def run_in_subprocess(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The CLI in a process of its own, so a read that blocks (a FIFO) fails the test instead of hanging it."""
+    script = "import sys; from mlx_starflow.app.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def _convert_args(fixtures_dir: Path, out: Path) -> list:
+    sf = fixtures_dir / "starflow"
+    return ["convert", sf / "model.pth", "--config", sf / "config.yaml", "--out", out, "--force"]
+
+
+def test_a_fifo_manifest_is_refused_without_waiting(fixtures_dir, tmp_path):
+    folder = tmp_path / "M"
+    folder.mkdir()
+    os.mkfifo(folder / "manifest.json")
+    for args in (["info", folder], _convert_args(fixtures_dir, folder)):
+        done = run_in_subprocess(*args)
+        one_error_line(done.returncode, done.stderr, str(folder))
+        assert "not a regular file" in done.stderr or "--force will not replace it" in done.stderr, done.stderr
+    assert [p.name for p in folder.iterdir()] == ["manifest.json"] and stat.S_ISFIFO((folder / "manifest.json").lstat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["M"], "no temporary left beside it"
+
+
+def test_a_manifest_nested_too_deep_is_one_error_line(fixtures_dir, capsys, tmp_path):
+    folder = tmp_path / "D"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(DEEP_JSON)
+    before = snapshot(folder)
+    code, _, err = run(capsys, "info", folder)
+    one_error_line(code, err, "manifest.json", "nested deeper than")
+    code, _, err = run(capsys, *_convert_args(fixtures_dir, folder))
+    one_error_line(code, err, "--force will not replace it")
+    assert snapshot(folder) == before and sorted(p.name for p in tmp_path.iterdir()) == ["D"]
+
+
+@pytest.mark.parametrize("record", ["deep", "fifo", "garbage", "folder"])
+def test_a_damaged_verification_record_means_hash_again(capsys, tmp_path, record):
+    """`.verified.json` only saves hashing: damaged, it is ignored, the files are hashed again and the
+    record is rewritten; generation goes on as normal."""
+    model = tmp_path / "model"
+    shutil.copytree(DEMO, model, ignore=shutil.ignore_patterns(".verified.json"))
+    path = model / "flow" / ".verified.json"
+    if record == "deep":
+        path.write_text(DEEP_JSON)
+    elif record == "fifo":
+        os.mkfifo(path)
+    elif record == "garbage":
+        path.write_bytes(b"\xff\xfe not json")
+    else:
+        path.mkdir()
+    out = tmp_path / "out.png"
+    done = run_in_subprocess("generate", "red circle", "--model", model, "-W", 8, "-H", 8, "--seed", 0, "-o", out)
+    assert done.returncode == 0, done.stderr
+    assert out.is_file()
+    if record != "folder":  # a folder in the way keeps the record from being written: hashing again each time is still right
+        rewritten = json.loads(path.read_text())
+        assert set(rewritten) == {"config.json", "model.safetensors"}
+
+
+def test_a_damaged_record_does_not_hide_damaged_weights(capsys, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(DEMO, model, ignore=shutil.ignore_patterns(".verified.json"))
+    weights = model / "flow" / "model.safetensors"
+    info = weights.stat()
+    with weights.open("r+b") as f:
+        f.seek(info.st_size - 8)
+        byte = f.read(1)
+        f.seek(info.st_size - 8)
+        f.write(bytes([byte[0] ^ 0x10]))
+    (model / "flow" / ".verified.json").write_text(DEEP_JSON)
+    code, _, err = run(capsys, "generate", "red circle", "--model", model, "-W", 8, "-H", 8, "-o", tmp_path / "out.png")
+    one_error_line(code, err, "model.safetensors", "sha256")
+    assert not (tmp_path / "out.png").exists()

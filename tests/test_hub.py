@@ -9,6 +9,7 @@ fixture YAML. Downloads are simulated by replacing huggingface_hub's network cal
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -19,7 +20,6 @@ from mlx_starflow.app.cli import main
 from mlx_starflow.convert import hub
 from mlx_starflow import load
 from mlx_starflow.errors import InputError, ModelNotFound
-from mlx_starflow.samplers import Sequential
 from mlx_starflow.samplers import Sequential
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -338,3 +338,59 @@ def test_a_snapshot_with_one_of_several_layouts_counts_as_complete(env, fixtures
     entries = {name: tree_cache.TreeCacheEntry(size=1, blob_id="0" * 40) for name in listing}
     tree_cache.write_tree_cache(str(snapshot.parent.parent), REVISION, entries)
     assert hub.local_snapshot(hub.HUB_FILES["google/flan-t5-xl"]) == snapshot
+
+
+# ---- hostile local files: checked before anything is fetched, read with bounds ---------------------
+
+
+DEEP_JSON = "[" * 200_000 + "]" * 200_000
+
+
+@pytest.mark.parametrize("kind,fragment", [
+    ("random", "is not a checkpoint"),
+    ("truncated", "truncated or corrupt"),
+    ("fifo", "not a regular file"),
+])
+def test_a_damaged_local_checkpoint_is_refused_before_any_download(env, fixtures_dir, capsys, monkeypatch, kind, fragment):
+    monkeypatch.setattr(hub, "download", lambda *a, **k: pytest.fail("a download started before the checkpoint was checked"))
+    monkeypatch.setattr(hub, "sha256_file", lambda *a, **k: pytest.fail("the checkpoint was hashed before it was checked"))
+    damaged = env / "damaged.pth"
+    if kind == "random":
+        damaged.write_bytes(bytes(range(256)) * 20)
+    elif kind == "truncated":
+        damaged.write_bytes((fixtures_dir / "starflow" / "model.pth").read_bytes()[:3000])
+    else:
+        os.mkfifo(damaged)
+    code = main(["generate", "a cat", "--model", str(damaged), "-o", str(env / "out.png")])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert str(damaged) in err and fragment in err, err
+    assert not (env / "out.png").exists() and not (env / "home").exists() and not (env / "hub").exists()
+
+
+def test_an_index_nested_too_deep_is_not_a_usable_layout(fixtures_dir, tmp_path):
+    folder = tmp_path / "t5"
+    shutil.copytree(fixtures_dir / "t5", folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(DEEP_JSON)
+    assert hub.local_files(folder, hub.HUB_FILES["google/flan-t5-xl"]) is None
+
+
+@pytest.mark.parametrize("memo", ["deep", "fifo"])
+def test_a_damaged_digest_memo_is_computed_again(env, fixtures_dir, memo):
+    checkpoint = fixtures_dir / "starflow" / "model.pth"
+    path = env / "home" / hub.DIGESTS_FILE
+    path.parent.mkdir(parents=True)
+    if memo == "deep":
+        path.write_text(DEEP_JSON)
+    else:
+        os.mkfifo(path)
+    assert hub.checkpoint_digest(checkpoint) == hub.sha256_file(checkpoint)
+    assert json.loads(path.read_text())[str(checkpoint.resolve())]["sha256"] == hub.sha256_file(checkpoint)
+
+
+def test_a_fifo_cache_ref_is_no_snapshot(env):
+    ref = env / "hub" / "models--apple--starflow" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    os.mkfifo(ref)
+    assert hub.cached_snapshot("apple/starflow") is None

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 import mlx_starflow.app.commands.train as train_command
+import mlx_starflow.dataset as dataset_module
 import mlx_starflow.train as train_module
 from mlx_starflow.app.cli import main
 from mlx_starflow.convert.model import convert_model
@@ -28,10 +29,10 @@ from mlx_starflow.convert.official_config import flow_config, read_official_conf
 from mlx_starflow import load_flow
 from mlx_starflow.dataset import fit_square, load_image_folder
 from mlx_starflow.demo_data import LABELS, render, write_demo_data
-from mlx_starflow.errors import ConfigError
+from mlx_starflow.errors import ConfigError, OutputExists
 from mlx_starflow.flow import StarFlow
 from mlx_starflow.model_folder import load_model_folder
-from mlx_starflow.run_folder import read_run_state
+from mlx_starflow.run_folder import check_new_run, claimed_run, read_run_state
 from mlx_starflow.text_encoder import TextEncoder
 from mlx_starflow.train import TrainSettings, fine_tune_base, learning_rate, new_label_model, objective, train
 
@@ -452,3 +453,113 @@ def test_new_models_start_close_to_the_identity(tiny):
     again = tiny_base(tiny).flow
     assert mx.array_equal(flow.blocks[0].sos, again.blocks[0].sos)
     assert not mx.array_equal(flow.blocks[0].sos, tiny_base(tiny, seed=1).flow.blocks[0].sos)
+
+
+# ---- hostile run folders, interruptions during setup, concurrent runs -----------------------------
+
+
+DEEP_JSON = "[" * 200_000 + "]" * 200_000
+
+
+def test_force_refuses_a_run_marker_nested_too_deep(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(DEEP_JSON)
+    (out / "keep.txt").write_text("mine")
+    code, err = run_cli(capsys, *train_args(tiny, out, "--steps", 1, "--sample-every", 0, "--force"))
+    assert_clean_failure(code, err, "not a training run folder", "--force will not")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "run.json"] and (out / "run.json").read_text() == DEEP_JSON
+
+
+def test_force_refuses_a_fifo_run_marker_without_waiting(tiny, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    os.mkfifo(out / "run.json")
+    script = "import sys; from mlx_starflow.app.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = [str(a) for a in train_args(tiny, out, "--steps", 1, "--sample-every", 0, "--force")]
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
+    assert_clean_failure(done.returncode, done.stderr, "not a training run folder")
+    assert [p.name for p in out.iterdir()] == ["run.json"] and (out / "run.json").is_fifo()
+
+
+def test_an_interruption_during_setup_stops_at_once_and_cleans_up(tiny, tmp_path, capsys, monkeypatch):
+    """SIGTERM before the first step stops the run there (no step, no checkpoint), and the new run
+    folder goes again: the same command can simply be run again."""
+    real = train_module.encode_conditions
+
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "encode_conditions", interrupted)
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, *train_args(tiny, out, "--steps", 2, "--sample-every", 0))
+    assert code == 130, err
+    assert "stopped at step" not in err and not out.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the interrupt handler is restored"
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tiny, tmp_path, capsys):
+    """Two runs started into the same new --out: the folder is claimed under a lock, so the one that
+    comes second refuses instead of writing beside the first."""
+    out = tmp_path / "run"
+    with claimed_run(out, lambda: check_new_run(out, force=False)):
+        for extra in ((), ("--force",)):
+            code, err = run_cli(capsys, *train_args(tiny, out, "--steps", 1, "--sample-every", 0, *extra))
+            assert_clean_failure(code, err, f"{out} is in use by another training run")
+        code, err = run_cli(capsys, *[a if a != "--out" else "--resume" for a in train_args(tiny, out, "--steps", 1)])
+        assert code == 1, err
+        assert [p.name for p in out.iterdir()] == [".run.lock"], "the first run's folder is left to it"
+    code, err = run_cli(capsys, *train_args(tiny, out, "--steps", 1, "--sample-every", 0))
+    assert code == 0, err
+
+
+def test_the_loser_of_a_claim_race_refuses(tiny, tmp_path, monkeypatch):
+    """Both runs found the folder free; the second to take the lock sees the first's lock held."""
+    out = tmp_path / "run"
+    taken = []
+
+    def first_run_claims_meanwhile() -> None:
+        if not taken:  # between this run's first check and its lock, another run takes the folder
+            taken.append(claimed_run(out, lambda: None))
+            taken[0].__enter__()
+
+    with pytest.raises(OutputExists, match="in use by another training run"):
+        with claimed_run(out, first_run_claims_meanwhile):
+            pytest.fail("both runs went on")
+    assert out.is_dir(), "the first run's folder stays"
+    taken[0].__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("--steps", -5), "--steps must be at least 1, got -5"),
+    (("--lr", -1), "--lr must be 0 or more, got -1.0"),
+    (("--batch-size", 0), "--batch-size must be at least 1"),
+    (("--min-lr", 1), "--min-lr must not exceed --lr"),
+    (("--checkpoint-every", -1), "--checkpoint-every must be 0 or more"),
+])
+def test_bad_settings_name_their_option(tiny, tmp_path, capsys, args, fragment):
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, *train_args(tiny, out, *args))
+    assert_clean_failure(code, err, fragment)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("entry", ["../outside.png", "{root}/outside.png", "/etc/passwd", "images/link.png"])
+def test_captions_naming_files_outside_the_data_folder_are_refused_unread(tiny, tmp_path, capsys, monkeypatch, entry):
+    data = tmp_path / "data"
+    shutil.copytree(tiny / "data", data)
+    shutil.copyfile(data / "images" / "000000.png", tmp_path / "outside.png")
+    (data / "images" / "link.png").symlink_to(tmp_path / "outside.png")
+    entry = entry.format(root=tmp_path)
+    with open(data / "captions.tsv", "a") as f:
+        f.write(f"{entry}\tred circle\n")
+    opened = []
+    real_read = dataset_module.read_image
+    monkeypatch.setattr(dataset_module, "read_image", lambda path, *a, **k: opened.append(path) or real_read(path, *a, **k))
+    out = tmp_path / "run"
+    args = train_args(tiny, out, "--steps", 1)
+    args[1] = data
+    code, err = run_cli(capsys, *args)
+    assert_clean_failure(code, err, "outside the data folder", entry)
+    assert opened == [] and not out.exists()

@@ -105,6 +105,7 @@ def describe_model(folder: Path) -> None:
     if manifest.get("kind") != MODEL_KIND:
         raise ConfigError(f"{folder} is a {manifest.get('kind')!r} component folder, not a model; "
                           f"pass the model folder that contains it ({folder.resolve().parent})")
+    read_model_folder(folder)  # its components list, their manifests and configs checked before they are shown
     table = Table("component", "kind", "dtype", "parameters", "size", title=f"{folder} ({manifest.get('name', folder.name)})", title_justify="left")
     for component in manifest.get("components", []):
         part = folder / component

@@ -7,7 +7,7 @@ import shlex
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -72,9 +72,9 @@ def train(
     if images.skipped:
         typer.echo(f"skipped {len(images.skipped)} unreadable image(s), e.g. {images.skipped[0]}", err=True)
     command = _command(data, run, config, init, captions, settings)
-    with _stop_on_interrupt() as stop_requested:
+    with _stop_on_interrupt() as (arm, stop_requested):
         last = _drive(train_model(base, images, run, settings, command=command, resume=resume is not None,
-                                  force=force, should_stop=stop_requested), base.is_pixel_model)
+                                  force=force, should_stop=stop_requested, on_start=arm), base.is_pixel_model)
     if last is not None and last.stopped:
         typer.echo(f"stopped at step {last.step}; checkpoint in {last.checkpoint}. Continue with:\n  "
                    + command.replace(f"--out {shlex.quote(str(run))}", f"--resume {shlex.quote(str(run))}"), err=True)
@@ -112,19 +112,25 @@ def _command(data: Path, run: Path, config: Optional[Path], init: Optional[Path]
 
 
 @contextlib.contextmanager
-def _stop_on_interrupt() -> Iterator[Callable[[], bool]]:
-    """First Ctrl-C or SIGTERM: finish the step, write a checkpoint and stop; a second one aborts
-    at once (the checkpoints committed so far stay resumable)."""
-    requested = []
+def _stop_on_interrupt() -> Iterator[tuple[Callable[[], None], Callable[[], bool]]]:
+    """Yields (arm, stop requested). Until `arm()` (called when the training loop starts) Ctrl-C
+    and SIGTERM stop at once, as in every command, so setup (reading a model, data or a run
+    folder) never waits for a step that has not begun. Once armed, the first one finishes the
+    step, writes a checkpoint and stops; a second one aborts at once (the checkpoints committed
+    so far stay resumable)."""
+    requested: list[int] = []
+    previous: dict[int, Any] = {}
 
     def handler(signum: int, frame: object) -> None:
         if requested:
             raise KeyboardInterrupt
         requested.append(signum)
 
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    def arm() -> None:
+        previous.update((signum, signal.signal(signum, handler)) for signum in (signal.SIGINT, signal.SIGTERM))
+
     try:
-        yield lambda: bool(requested)
+        yield arm, lambda: bool(requested)
     finally:
         for signum, action in previous.items():
             signal.signal(signum, action)

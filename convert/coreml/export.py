@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from mlx_starflow.config import FlowConfig, VAEConfig
-from mlx_starflow.errors import ConfigError, OutputExists
+from mlx_starflow.errors import ConfigError
 from mlx_starflow.model_folder import ModelParts, load_model_folder
-from mlx_starflow.model_io import atomic_folder
+from mlx_starflow.model_io import atomic_folder, check_output_folder
 from mlx_starflow.samplers import Jacobi, Sequential
 from mlx_starflow.text_encoder import TOKENIZER_FILE
 
@@ -181,8 +181,7 @@ def export_coreml(
                             palette_group_size)
     options.check()
     out = Path(out)
-    if out.exists() and not force:
-        raise OutputExists(f"{out} already exists; pass --force to replace it")
+    check_output_folder(out, force, FORMAT)
     parts = load_model_folder(model_dir, decoder=False)
     height_px, width_px = image_size(parts.config, options)
     check_palette_groups(parts, options)

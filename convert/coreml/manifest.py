@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mlx_starflow.config import read_json_object
 from mlx_starflow.errors import ConfigError, ModelNotFound
 
 MANIFEST_FILE = "manifest.json"
@@ -35,7 +36,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise ModelNotFound(f"no Core ML export at {folder}; make one with `starflow export-coreml MODEL --out {folder}`")
     if not path.is_file():
         raise ConfigError(f"{folder} has no {MANIFEST_FILE}: the export did not finish; export again")
-    manifest = json.loads(path.read_text())
+    manifest = read_json_object(path, "export again")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ConfigError(f"{path} is not a format-{FORMAT_VERSION} {FORMAT} manifest; export again with this version")
     missing = [name for name in package_names(manifest) if not (folder / name).is_dir()]
