@@ -15,7 +15,9 @@ MODEL    ?= apple/starflow
 CKPT     ?= ckpts/starflow_3B_t2i_256x256.pth
 CONFIG   ?= convert/configs/starflow_3B_t2i_256x256.yaml
 OUT      ?= weights/starflow-3b
-DTYPE    ?= bfloat16
+# DTYPE empty: each command's default (generate: bfloat16 on a GPU backend, float32 on the CPU
+# backend; convert: float32)
+DTYPE    ?=
 # the companions `make convert` adds, so OUT is a model `starflow generate` runs; empty: flow only
 TEXT_ENCODER ?= ckpts/flan-t5-xl
 VAE          ?= ckpts/sd-vae-ft-ema
@@ -62,7 +64,7 @@ demo: $(BASE)
 	$(STARFLOW) generate --model weights/demo --all-labels --grid --sequential --seed 0 --output outputs/demo-grid.png --force
 
 generate: $(BASE)
-	$(STARFLOW) generate "$(PROMPT)" --model $(MODEL) --dtype $(DTYPE)
+	$(STARFLOW) generate "$(PROMPT)" --model $(MODEL) $(if $(DTYPE),--dtype $(DTYPE))
 
 demo-model: $(BASE)
 	$(STARFLOW) demo-data $(DEMO_DATA) --count 12000 --seed 0 --force
@@ -73,7 +75,7 @@ demo-model: $(BASE)
 	cp -RL $(DEMO_RUN)/model weights/demo
 
 convert: $(BASE)
-	$(STARFLOW) convert $(CKPT) --config $(CONFIG) --out $(OUT) --dtype $(DTYPE) \
+	$(STARFLOW) convert $(CKPT) --config $(CONFIG) --out $(OUT) $(if $(DTYPE),--dtype $(DTYPE)) \
 		$(if $(TEXT_ENCODER),--text-encoder $(TEXT_ENCODER)) $(if $(VAE),--vae $(VAE)) $(if $(DECODER),--decoder $(DECODER))
 
 test: test-python test-swift

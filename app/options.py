@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
+import mlx.core as mx
 import typer
 
 from mlx_starflow.config import DTYPES
@@ -19,9 +20,15 @@ from mlx_starflow.quantization import BITS
 from .inputs import check_text
 from .limits import MAX_IMAGE_SIDE, MAX_IMAGES, check_at_most, check_batch, check_finite, check_image_side
 
-FIRST_RUN_DTYPE = "bfloat16"
-"""What a checkpoint or Hub model is converted to on first use: the official sampler runs the
-transformer in bfloat16, which keeps float32's range at half the bytes."""
+def backend_dtype() -> str:
+    """The weight dtype a first run converts to on this machine's MLX backend: bfloat16 on a GPU
+    (Metal, CUDA), as the official sampler runs the transformer, with float32's range at half the
+    bytes; float32 on the CPU backend, whose fast kernels are float32 only (measured by `make
+    bench`: a full-width bfloat16 step is several times slower than float32 there)."""
+    return "bfloat16" if mx.default_device().type == mx.DeviceType.gpu else "float32"
+
+
+FIRST_RUN_DTYPE = backend_dtype()
 
 
 def _check_dtype(value: str) -> str:
@@ -84,7 +91,7 @@ Model = Annotated[Optional[str], typer.Option(
          "(default: apple/starflow, fetched and converted on first use).")]
 Dtype = Annotated[str, typer.Option(
     "--dtype", callback=_check_dtype,
-    help=f"Weight dtype when converting: {', '.join(DTYPES)}.")]
+    help=f"Weight dtype when converting: {', '.join(DTYPES)} (default: bfloat16 on a GPU, float32 on the CPU backend).")]
 Quantize = Annotated[Optional[int], typer.Option(
     "--quantize", "-q", callback=_check_quantize,
     help=f"Quantise the flow's attention and MLP linears to {' or '.join(map(str, BITS))} bits "
@@ -110,3 +117,8 @@ Float32Compute = Annotated[bool, typer.Option(
     "--float32-compute",
     help="Run a float16/bfloat16 flow with float32 activations, as the official sampler's float32 autocast "
          "(closer to float32 samples; the flow's weights take twice the memory). Default: the weights' dtype.")]
+JacobiFlag = Annotated[bool, typer.Option(
+    "--jacobi/--sequential",
+    help="Block-wise Jacobi iteration (fast, official defaults) or token-by-token decoding (exact inverse of the forward pass).")]
+Denoise = Annotated[Optional[str], typer.Option(
+    "--denoise", help="score, decoder or none (default: decoder if the model has one, else score); none shows the flow's own sample.")]

@@ -9,12 +9,12 @@ measured in the same process as the steps, so both see the same load from other 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+
+from .timing import best_seconds
 
 ARRAY_BYTES = 1 << 30
 """1 GiB: far larger than any cache, small enough to sit beside the benchmark models."""
@@ -35,26 +35,16 @@ class Ceiling:
         return max(self.readings, key=self.readings.get)
 
 
-def _best_seconds(run: Callable[[], object], repeats: int) -> float:
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def measure(nbytes: int = ARRAY_BYTES, repeats: int = 5) -> Ceiling:
     """GB/s of reading a float32 array of `nbytes` once, best of `repeats`, per library and reduction."""
     shape = (nbytes // 4 // ROW, ROW)
     readings = {}
     array, ones = mx.ones(shape, dtype=mx.float32), mx.ones((ROW,), dtype=mx.float32)
     mx.eval(array, ones)
-    readings["mlx sum"] = nbytes / _best_seconds(lambda: mx.eval(mx.sum(array)), repeats) / 1e9
-    readings["mlx row sums"] = nbytes / _best_seconds(lambda: mx.eval(array @ ones), repeats) / 1e9
+    readings["mlx sum"] = nbytes / best_seconds(lambda: mx.eval(mx.sum(array)), repeats) / 1e9
+    readings["mlx row sums"] = nbytes / best_seconds(lambda: mx.eval(array @ ones), repeats) / 1e9
     del array
     host, host_ones = np.ones(shape, dtype=np.float32), np.ones(ROW, dtype=np.float32)
-    readings["numpy sum"] = nbytes / _best_seconds(host.sum, repeats) / 1e9
-    readings["numpy row sums"] = nbytes / _best_seconds(lambda: host @ host_ones, repeats) / 1e9
+    readings["numpy sum"] = nbytes / best_seconds(host.sum, repeats) / 1e9
+    readings["numpy row sums"] = nbytes / best_seconds(lambda: host @ host_ones, repeats) / 1e9
     return Ceiling(readings)

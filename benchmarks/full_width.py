@@ -10,7 +10,6 @@ the layer count (every layer does the same work) and the table says so.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -24,6 +23,7 @@ from mlx_starflow.rope import rope_tables
 from mlx_starflow.token_layout import TokenLayout
 
 from .models import REAL_LAYERS, scaled_config
+from .timing import best_seconds
 
 REAL_WIDTH = 3072
 GUIDANCE_ROWS = 2
@@ -155,14 +155,12 @@ def time_step(block: FlowBlock, config: FlowConfig, prefix: int, tokens: int, co
     mx.eval(run.pending)
     inputs = mx.zeros((rows, tokens, config.token_channels))
     index = min(config.latent_size**2 // 2, run.token_count - tokens)
-    best = float("inf")
-    for repeat in range(repeats + 1):
-        start = time.perf_counter()
+
+    def step() -> None:
         a, b = run.step(inputs, index)
         mx.eval(a, b, *run.pending)
-        if repeat:
-            best = min(best, time.perf_counter() - start)
-    return best
+
+    return best_seconds(step, repeats)
 
 
 def measure(config: FlowConfig, variant: Variant, deep: bool, layers_run: int, repeats: int) -> StepTiming:

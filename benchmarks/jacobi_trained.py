@@ -7,7 +7,7 @@ bandwidth-bound machine are measured here on the demo model (weights/demo), thro
 users run (`pipeline.generate`, guidance 3.6, score-step denoise), with the demo classifier
 reading the class back. A pass of a block reads all of that block's weights, so passes are
 weighted by the block's parameter count; the ratio is sequential's weighted passes over the
-setting's (higher is fewer weight reads). 24 images keep the section near 10 minutes on a
+setting's (higher is fewer weight reads). 24 images keep the section at 5–7 minutes on a
 loaded 2-core CPU; accuracy then moves in steps of 4.2 points.
 """
 

@@ -7,27 +7,15 @@ table says what share of a step each part could at most account for.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import mlx.core as mx
 
 from mlx_starflow.samplers import gaussian
 
 from .full_width import GUIDANCE_ROWS, JACOBI_BLOCK, Variant, build_block, real_config, runner, time_step
 from .models import REAL_LAYERS, scaled_config
+from .timing import best_seconds
 
 TINY_WIDTH = 64
-
-
-def _best_ms(run: Callable[[], None], repeats: int) -> float:
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 def attention_cache(width: int, layers_run: int, repeats: int) -> dict:
@@ -62,7 +50,7 @@ def kv_writes(width: int, repeats: int) -> dict:
             buffers[index] = mx.slice_update(buffers[index], new, position, axes=(2,))
         mx.eval(buffers)
 
-    return {"kv_write_ms": _best_ms(write, repeats)}
+    return {"kv_write_ms": best_seconds(write, repeats) * 1e3}
 
 
 def host_per_pass(repeats: int) -> dict:
@@ -85,7 +73,8 @@ def host_per_pass(repeats: int) -> dict:
         a, b = run.step(inputs[:, :1], 100)
         mx.eval(a, b, *run.pending)
 
-    return {"tiny_pass_ms": _best_ms(one_pass, repeats * 10), "tiny_token_step_ms": _best_ms(one_token, repeats * 10)}
+    return {"tiny_pass_ms": best_seconds(one_pass, repeats * 10) * 1e3,
+            "tiny_token_step_ms": best_seconds(one_token, repeats * 10) * 1e3}
 
 
 def sampling_arithmetic(repeats: int, guidance: float = 3.6) -> dict:
@@ -98,7 +87,7 @@ def sampling_arithmetic(repeats: int, guidance: float = 3.6) -> dict:
         mu, sigma = gaussian(a, b, guidance, True)
         mx.eval(z * sigma + mu)
 
-    return {"guidance_colour_ms": _best_ms(arithmetic, repeats * 10)}
+    return {"guidance_colour_ms": best_seconds(arithmetic, repeats * 10) * 1e3}
 
 
 def run(width: int, layers_run: int = 1, repeats: int = 3, step_ms: float | None = None) -> tuple[str, dict]:

@@ -274,7 +274,7 @@ def read_marker(path: Path) -> dict[str, Any] | None:
     damaged: the caller then treats the folder as not ours or not verified, never as an error."""
     try:
         return read_json_object(path, "")
-    except (StarFlowError, OSError):
+    except StarFlowError:
         return None
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
+from .config import parse_json
 from .errors import InputError, OutputExists
 
 if TYPE_CHECKING:
@@ -33,7 +34,15 @@ class NoiseFile:
 
     @property
     def prompts(self) -> list[str]:
-        return json.loads(self.metadata.get("prompts", "[]"))
+        """The prompts recorded with the noise; damaged metadata (not a list of strings, nested too
+        deep) is an `InputError`, since the file came from elsewhere."""
+        try:
+            prompts = parse_json(self.metadata.get("prompts", "[]").encode())
+        except ValueError:
+            prompts = None
+        if not (isinstance(prompts, list) and all(isinstance(prompt, str) for prompt in prompts)):
+            raise InputError("the noise file's recorded prompts are damaged (not a JSON list of strings); make it again with `starflow invert`")
+        return prompts
 
 
 def noise_metadata(pipe: StarFlowPipeline, prompts: Sequence[str], width: int, height: int, **extra: str) -> dict[str, str]:

@@ -55,8 +55,8 @@ def is_run_folder(out: Path) -> bool:
 
 def check_new_run(out: Path, force: bool) -> None:
     """Refuse a new run in a folder that holds anything, unless `force` and it is a run of ours."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise OutputExists(f"{out} is not a folder; choose another --out")
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise OutputExists(f"{out} is not a folder (a file or a broken link); choose another --out")
     if out.exists() and any(path.name != LOCK_FILE for path in out.iterdir()):
         if not force:
             raise OutputExists(f"{out} already exists; pass --resume to continue that run or --force to start over")

@@ -402,7 +402,7 @@ def train(
     model, config = base.flow, base.flow.config
     train_rows, heldout_rows = heldout_split(len(data), settings.heldout, settings.seed)
     if settings.batch_size > len(train_rows):
-        raise InputError(f"batch size {settings.batch_size} is larger than the {len(train_rows)} training images; lower the batch size")
+        raise InputError(f"--batch-size {settings.batch_size} is larger than the {len(train_rows)} training images; lower it")
     expected = {"flow_config": config.to_dict(), "labels": list(base.labels.labels) if base.labels else None,
                 "data_fingerprint": data.fingerprint(), "settings": settings.numeric()}
 

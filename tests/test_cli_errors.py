@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -24,33 +23,7 @@ from mlx_starflow.app.limits import MAX_BATCH, MAX_DEMO_COUNT, MAX_DEMO_SIZE, MA
 from mlx_starflow.errors import InputError, OutputExists, StarFlowError, environment_error
 from mlx_starflow.native import NativeCallFailed, call_native
 from mlx_starflow.pipeline import StarFlowPipeline
-
-DEMO = Path(__file__).resolve().parents[1] / "weights" / "demo"
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_error_line(code: int, err: str, *fragments: str) -> None:
-    assert code == 1, err
-    assert len(err.strip().splitlines()) == 1, err
-    assert err.strip().startswith("error: "), err
-    assert "Traceback" not in err and "internal error" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Any attempt to fetch, convert or load a model fails the test: checks must come first."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was resolved before the options were checked")
-
-    monkeypatch.setattr(generate_command, "resolve_model", refuse)
-    monkeypatch.setattr(generate_command, "load", refuse)
+from cli_runs import DEMO, one_error_line, run
 
 
 def test_a_value_error_from_deep_inside_is_an_internal_error(monkeypatch, capsys, tmp_path):

@@ -16,7 +16,6 @@ import pytest
 
 from mlx_starflow import load
 from mlx_starflow.aspect_ratio import ASPECT_RATIOS, aspect_ratio_size
-from mlx_starflow.convert.model import convert_model
 from mlx_starflow.editing import conditions, edit_noise, invert, round_trip_error
 from mlx_starflow.noise_ops import interpolation_path, keep_tokens, mix_noise, resolve_keep, slerp
 from mlx_starflow.errors import InputError
@@ -28,17 +27,13 @@ ROUND_TRIP_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def text_pipe(fixtures_dir, tmp_path_factory):
-    sf, root = fixtures_dir / "starflow", tmp_path_factory.mktemp("editing_models")
-    convert_model(sf / "model.pth", sf / "config.yaml", root / "text", text_encoder=fixtures_dir / "t5", vae=fixtures_dir / "vae")
-    return load(root / "text")
+def text_pipe(cli_models):
+    return load(cli_models / "text")
 
 
 @pytest.fixture(scope="module")
-def label_pipe(fixtures_dir, tmp_path_factory):
-    sf, root = fixtures_dir / "starflow", tmp_path_factory.mktemp("editing_label")
-    convert_model(sf / "label_model" / "model.pth", sf / "label_model" / "config.yaml", root / "label")
-    return load(root / "label")
+def label_pipe(cli_models):
+    return load(cli_models / "label")
 
 
 def images(count: int, size: int, seed: int = 0) -> list[np.ndarray]:

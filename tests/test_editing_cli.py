@@ -16,32 +16,17 @@ from PIL import Image
 
 from mlx_starflow.app.cli import main
 from mlx_starflow.noise_file import load_noise
+from cli_runs import one_error_line, run
 
 EXACT = ["-g", "0", "--sequential", "--denoise", "none"]
 
 
 @pytest.fixture(scope="module")
-def models(fixtures_dir, tmp_path_factory):
-    root, sf = tmp_path_factory.mktemp("edit_cli_models"), fixtures_dir / "starflow"
-    assert main(["convert", str(sf / "label_model" / "model.pth"), "--config", str(sf / "label_model" / "config.yaml"),
-                 "--out", str(root / "label")]) == 0
-    assert main(["convert", str(sf / "model.pth"), "--config", str(sf / "config.yaml"), "--out", str(root / "text"),
-                 "--text-encoder", str(fixtures_dir / "t5"), "--vae", str(fixtures_dir / "vae")]) == 0
-    return root
-
-
-@pytest.fixture(scope="module")
-def cat_png(models, tmp_path_factory):
+def cat_png(cli_models, tmp_path_factory):
     """A sample of the label model (so its pixels are something the model can produce)."""
     path = tmp_path_factory.mktemp("cat") / "cat.png"
-    assert main(["generate", "cat", "--model", str(models / "label"), "--seed", "3", "-o", str(path), *EXACT]) == 0
+    assert main(["generate", "cat", "--model", str(cli_models / "label"), "--seed", "3", "-o", str(path), *EXACT]) == 0
     return path
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def pixels(path) -> np.ndarray:
@@ -50,17 +35,13 @@ def pixels(path) -> np.ndarray:
 
 
 def assert_clean_failure(code: int, err: str, folder, *fragments: str, before: set | None = None) -> None:
-    assert code == 1, err
-    assert len(err.strip().splitlines()) == 1, err
-    assert "Traceback" not in err and "internal error" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
+    one_error_line(code, err, *fragments)
     assert set(folder.iterdir()) == (before or set())
 
 
-def test_invert_then_generate_from_the_noise_gives_the_image_back(models, cat_png, tmp_path, capsys):
+def test_invert_then_generate_from_the_noise_gives_the_image_back(cli_models, cat_png, tmp_path, capsys):
     noise = tmp_path / "cat.safetensors"
-    code, out, err = run(capsys, "invert", cat_png, "--prompt", "cat", "--out", noise, "--model", models / "label", "--sequential")
+    code, out, err = run(capsys, "invert", cat_png, "--prompt", "cat", "--out", noise, "--model", cli_models / "label", "--sequential")
     assert code == 0, err
     error = float(out.split("max |Δ latent| = ")[1].split()[0])
     assert error < 2e-4, out  # fixture README §7: sequential samples 2e-4
@@ -68,59 +49,59 @@ def test_invert_then_generate_from_the_noise_gives_the_image_back(models, cat_pn
     assert stored.noise.shape == (1, 3, 16, 16) and stored.prompts == ["cat"]
     assert stored.metadata["model"] == "model" and stored.metadata["size"] == "16x16" and "pixel" in stored.metadata["vae"]
     back = tmp_path / "back.png"
-    code, _, err = run(capsys, "generate", "cat", "--noise", noise, "--model", models / "label", "-o", back, *EXACT)
+    code, _, err = run(capsys, "generate", "cat", "--noise", noise, "--model", cli_models / "label", "-o", back, *EXACT)
     assert code == 0, err
     assert np.array_equal(pixels(back), pixels(cat_png))
     with Image.open(back) as image:
         assert image.text["noise"] == "cat.safetensors row 0" and "seed" not in image.text
     # under another class the same noise gives another picture
     other = tmp_path / "other.png"
-    assert run(capsys, "generate", "ship", "--noise", noise, "--model", models / "label", "-o", other, *EXACT)[0] == 0
+    assert run(capsys, "generate", "ship", "--noise", noise, "--model", cli_models / "label", "-o", other, *EXACT)[0] == 0
     assert np.abs(pixels(other) - pixels(cat_png)).max() > 8
 
 
-def test_invert_a_text_model_image_and_sample_it_back(models, tmp_path, capsys):
+def test_invert_a_text_model_image_and_sample_it_back(cli_models, tmp_path, capsys):
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.RandomState(2).randint(0, 255, (80, 96, 3), dtype=np.uint8)).save(image)
     noise = tmp_path / "photo.safetensors"
-    code, out, err = run(capsys, "invert", image, "-p", "a red panda", "-o", noise, "--model", models / "text", "--sequential")
+    code, out, err = run(capsys, "invert", image, "-p", "a red panda", "-o", noise, "--model", cli_models / "text", "--sequential")
     assert code == 0, err
     assert float(out.split("max |Δ latent| = ")[1].split()[0]) < 2e-4, out
     assert load_noise(noise).noise.shape == (1, 4, 8, 8) and load_noise(noise).metadata["size"] == "64x64"
 
 
-def test_edit_with_the_same_prompt_and_every_token_kept_is_the_image(models, cat_png, tmp_path, capsys):
+def test_edit_with_the_same_prompt_and_every_token_kept_is_the_image(cli_models, cat_png, tmp_path, capsys):
     same = tmp_path / "same.png"
     code, _, err = run(capsys, "edit", cat_png, "--prompt", "cat", "--source-prompt", "cat", "--keep", "1.0",
-                       "--model", models / "label", "-o", same, *EXACT)
+                       "--model", cli_models / "label", "-o", same, *EXACT)
     assert code == 0, err
     assert np.array_equal(pixels(same), pixels(cat_png))
     changed = tmp_path / "ship.png"
     code, _, err = run(capsys, "edit", cat_png, "--prompt", "ship", "--source-prompt", "cat", "--keep", "32", "--seed", "1",
-                       "--model", models / "label", "-o", changed, *EXACT)
+                       "--model", cli_models / "label", "-o", changed, *EXACT)
     assert code == 0, err
     with Image.open(changed) as image:
         assert image.text["edit_source_prompt"] == "cat" and image.text["edit_keep"] == "32" and image.text["prompt"] == "ship"
         assert image.text["seed"] == "1" and image.text["source_image"] == "cat.png"
 
 
-def test_vary_at_strength_zero_is_the_image_and_above_it_differs(models, cat_png, tmp_path, capsys):
+def test_vary_at_strength_zero_is_the_image_and_above_it_differs(cli_models, cat_png, tmp_path, capsys):
     code, out, err = run(capsys, "vary", cat_png, "-n", 2, "--strength", 0, "-p", "cat", "--seed", 4,
-                         "--model", models / "label", "-o", tmp_path / "v0.png", *EXACT)
+                         "--model", cli_models / "label", "-o", tmp_path / "v0.png", *EXACT)
     assert code == 0, err
     assert [line.split()[-1] for line in out.splitlines()] == [str(tmp_path / "v0-1.png"), str(tmp_path / "v0-2.png")]
     assert np.array_equal(pixels(tmp_path / "v0-1.png"), pixels(cat_png))
     code, _, err = run(capsys, "vary", cat_png, "-n", 2, "--strength", 0.5, "-p", "cat", "--seed", 4,
-                       "--model", models / "label", "-o", tmp_path / "v5.png", *EXACT)
+                       "--model", cli_models / "label", "-o", tmp_path / "v5.png", *EXACT)
     assert code == 0, err
     first, second = pixels(tmp_path / "v5-1.png"), pixels(tmp_path / "v5-2.png")
     assert np.abs(first - pixels(cat_png)).max() > 8 and np.abs(first - second).max() > 8
 
 
-def test_interpolate_between_seeds_ends_on_the_seeds_samples(models, tmp_path, capsys):
+def test_interpolate_between_seeds_ends_on_the_seeds_samples(cli_models, tmp_path, capsys):
     for seed in (11, 12):
-        assert run(capsys, "generate", "dog", "--model", models / "label", "--seed", seed, "-o", tmp_path / f"s{seed}.png", *EXACT)[0] == 0
-    code, out, err = run(capsys, "interpolate", "--seeds", 11, 12, "-p", "dog", "--steps", 4, "--model", models / "label",
+        assert run(capsys, "generate", "dog", "--model", cli_models / "label", "--seed", seed, "-o", tmp_path / f"s{seed}.png", *EXACT)[0] == 0
+    code, out, err = run(capsys, "interpolate", "--seeds", 11, 12, "-p", "dog", "--steps", 4, "--model", cli_models / "label",
                          "-o", tmp_path / "path.png", *EXACT)
     assert code == 0, err
     assert len(out.splitlines()) == 5  # the strip and 4 frames
@@ -132,19 +113,19 @@ def test_interpolate_between_seeds_ends_on_the_seeds_samples(models, tmp_path, c
     assert np.array_equal(strip[2:18, 2:18], pixels(tmp_path / "path-1.png"))
 
 
-def test_generate_at_an_official_aspect_ratio(models, tmp_path, capsys):
+def test_generate_at_an_official_aspect_ratio(cli_models, tmp_path, capsys):
     """16:9 on the 16×16 label model (multiple 2): sqrt(256·16/9) = 21.3 → 22 wide, sqrt(256·9/16) = 12 high."""
-    code, _, err = run(capsys, "generate", "cat", "--aspect-ratio", "16:9", "--model", models / "label", "--seed", 1,
+    code, _, err = run(capsys, "generate", "cat", "--aspect-ratio", "16:9", "--model", cli_models / "label", "--seed", 1,
                        "-o", tmp_path / "wide.png", *EXACT)
     assert code == 0, err
     with Image.open(tmp_path / "wide.png") as image:
         assert image.size == (22, 12) and image.text["size"] == "22x12"
 
 
-def test_rank_and_score_over_lists(models, cat_png, tmp_path, capsys):
+def test_rank_and_score_over_lists(cli_models, cat_png, tmp_path, capsys):
     captions = tmp_path / "captions.txt"
     captions.write_text("ship\n\ncat\ndog\n")
-    code, out, err = run(capsys, "rank", cat_png, "--captions", captions, "--model", models / "label", "--json")
+    code, out, err = run(capsys, "rank", cat_png, "--captions", captions, "--model", cli_models / "label", "--json")
     assert code == 0, err
     ranking = json.loads(out)["ranking"]
     assert sorted(r["caption"] for r in ranking) == ["cat", "dog", "ship"]
@@ -152,21 +133,21 @@ def test_rank_and_score_over_lists(models, cat_png, tmp_path, capsys):
     assert bits == sorted(bits) and ranking[0]["behind_best"] == 0
     second = tmp_path / "second.png"
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (16, 16, 3), dtype=np.uint8)).save(second)
-    code, out, err = run(capsys, "score", cat_png, second, "-p", "cat", "-p", "ship", "--model", models / "label", "--json")
+    code, out, err = run(capsys, "score", cat_png, second, "-p", "cat", "-p", "ship", "--model", cli_models / "label", "--json")
     assert code == 0, err
     scores = json.loads(out)["scores"]
     assert [(s["image"], s["prompt"]) for s in scores] == [(str(cat_png), "cat"), (str(cat_png), "ship"), (str(second), "cat"), (str(second), "ship")]
     by_caption = {r["caption"]: r["bits_per_dim"] for r in ranking}
     assert abs(scores[0]["bits_per_dim"] - by_caption["cat"]) < 1e-5 and abs(scores[1]["bits_per_dim"] - by_caption["ship"]) < 1e-5
-    code, out, err = run(capsys, "score", second, "ship", "--model", models / "label")  # the one-prompt form
+    code, out, err = run(capsys, "score", second, "ship", "--model", cli_models / "label")  # the one-prompt form
     assert code == 0, err
     assert abs(float(out.split()[0]) - scores[3]["bits_per_dim"]) < 1e-4
 
 
-def test_bad_input_is_one_line_and_writes_nothing(models, cat_png, tmp_path, capsys):
+def test_bad_input_is_one_line_and_writes_nothing(cli_models, cat_png, tmp_path, capsys):
     work = tmp_path / "work"
     work.mkdir()
-    label, text = models / "label", models / "text"
+    label, text = cli_models / "label", cli_models / "text"
     junk = work / "junk.png"
     junk.write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
     captions = work / "empty.txt"

@@ -10,40 +10,21 @@ from __future__ import annotations
 
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import mlx_starflow.app.commands.generate as generate_command
-import mlx_starflow.app.commands.score as score_command
-from mlx_starflow.app.cli import main
 from mlx_starflow import load
 from mlx_starflow.errors import ModelNotFound
 from mlx_starflow.image import pil_to_uint8
 from mlx_starflow.pipeline import StarFlowPipeline
+from cli_runs import DEMO, one_error_line, run
 
 PROMPT = "a film still of a cat playing piano"
-DEMO = Path(__file__).resolve().parents[1] / "weights" / "demo"
 EIGHT_BIT_SHIFT = math.log2(127.5)
 """8-bit bits/dim = bits/dim of [-1, 1] pixels + log2(127.5): the pixel scale's Jacobian."""
-
-
-@pytest.fixture(scope="module")
-def models(fixtures_dir, tmp_path_factory):
-    root, sf = tmp_path_factory.mktemp("cli_models"), fixtures_dir / "starflow"
-    assert main(["convert", str(sf / "model.pth"), "--config", str(sf / "config.yaml"), "--out", str(root / "text"),
-                 "--text-encoder", str(fixtures_dir / "t5"), "--vae", str(fixtures_dir / "vae")]) == 0
-    assert main(["convert", str(sf / "label_model" / "model.pth"), "--config", str(sf / "label_model" / "config.yaml"),
-                 "--out", str(root / "label")]) == 0
-    return root
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def pixels(path) -> np.ndarray:
@@ -52,17 +33,13 @@ def pixels(path) -> np.ndarray:
 
 
 def assert_clean_failure(code: int, err: str, out_dir, *fragments: str) -> None:
-    assert code == 1, err
-    assert len(err.strip().splitlines()) == 1, err
-    assert "Traceback" not in err and "internal error" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
+    one_error_line(code, err, *fragments)
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
 
-def test_generate_end_to_end_is_reproducible(models, tmp_path, capsys):
+def test_generate_end_to_end_is_reproducible(cli_models, tmp_path, capsys):
     first, second, other = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
-    code, out, err = run(capsys, "generate", PROMPT, "--model", models / "text", "--seed", 42, "--output", first)
+    code, out, err = run(capsys, "generate", PROMPT, "--model", cli_models / "text", "--seed", 42, "--output", first)
     assert code == 0, err
     assert f"wrote {first}" in out and "image(s) in" in out
     assert "" not in out.splitlines(), "stdout carries results only; progress bars go to stderr"
@@ -71,35 +48,35 @@ def test_generate_end_to_end_is_reproducible(models, tmp_path, capsys):
         meta = dict(image.text)
     assert meta["prompt"] == PROMPT and meta["seed"] == "42" and meta["guidance"] == "3.6"
     assert meta["sampler"].startswith("jacobi") and meta["size"] == "64x64" and meta["model"] == "model"
-    assert run(capsys, "generate", PROMPT, "--model", models / "text", "--seed", 42, "-o", second)[0] == 0
-    assert run(capsys, "generate", PROMPT, "--model", models / "text", "--seed", 43, "-o", other)[0] == 0
+    assert run(capsys, "generate", PROMPT, "--model", cli_models / "text", "--seed", 42, "-o", second)[0] == 0
+    assert run(capsys, "generate", PROMPT, "--model", cli_models / "text", "--seed", 43, "-o", other)[0] == 0
     assert np.array_equal(pixels(first), pixels(second))
     assert not np.array_equal(pixels(first), pixels(other))
 
 
-def test_several_images_non_square_into_a_folder(models, tmp_path, capsys):
+def test_several_images_non_square_into_a_folder(cli_models, tmp_path, capsys):
     out_dir = tmp_path / "out"
-    code, _, err = run(capsys, "generate", "a red panda", "--model", models / "text", "-n", 2, "--seed", 5,
+    code, _, err = run(capsys, "generate", "a red panda", "--model", cli_models / "text", "-n", 2, "--seed", 5,
                          "--width", 96, "--height", 64, "--sequential", "--guidance", 0, "-o", out_dir)
     assert code == 0, err
     names = sorted(p.name for p in out_dir.iterdir())
     assert names == ["a-red-panda-5.png", "a-red-panda-6.png"]
     with Image.open(out_dir / "a-red-panda-6.png") as image:
         assert image.size == (96, 64) and image.text["seed"] == "6" and image.text["sampler"] == "sequential"
-    code, _, err = run(capsys, "generate", "a red panda", "--model", models / "text", "--seed", 5, "--guidance", 0,
+    code, _, err = run(capsys, "generate", "a red panda", "--model", cli_models / "text", "--seed", 5, "--guidance", 0,
                        "--sequential", "-o", out_dir)
     assert code == 0, err
     assert (out_dir / "a-red-panda-5-2.png").is_file(), "an existing file must get a new name, not be replaced"
 
 
-def test_prompts_file_keeps_the_model_loaded_and_grids(models, tmp_path, capsys, monkeypatch):
+def test_prompts_file_keeps_the_model_loaded_and_grids(cli_models, tmp_path, capsys, monkeypatch):
     loads = []
     real_load = generate_command.load
     monkeypatch.setattr(generate_command, "load", lambda folder, **options: loads.append(folder) or real_load(folder, **options))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("cat\n\nship\ndog\n")
     out_dir = tmp_path / "grids"
-    code, _, err = run(capsys, "generate", "--prompts-file", prompts, "--model", models / "label", "-n", 2, "--seed", 1,
+    code, _, err = run(capsys, "generate", "--prompts-file", prompts, "--model", cli_models / "label", "-n", 2, "--seed", 1,
                        "--grid", "-o", out_dir)
     assert code == 0, err
     assert len(loads) == 1
@@ -109,7 +86,7 @@ def test_prompts_file_keeps_the_model_loaded_and_grids(models, tmp_path, capsys,
         assert image.text["seed"] == "1,2,1,2,1,2" and image.text["prompt"] == "cat | ship | dog"
 
 
-def test_all_prompts_and_seeds_are_sampled_in_one_run(models, tmp_path, capsys, monkeypatch):
+def test_all_prompts_and_seeds_are_sampled_in_one_run(cli_models, tmp_path, capsys, monkeypatch):
     """One call for every prompt × seed, files in prompt-then-seed order, each image the one the
     library gives for the same prompts, seeds and batch (Jacobi ties an image to its batch)."""
     calls = []
@@ -118,35 +95,35 @@ def test_all_prompts_and_seeds_are_sampled_in_one_run(models, tmp_path, capsys, 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("cat\nship\n")
     out_dir = tmp_path / "out"
-    code, out, err = run(capsys, "generate", "--prompts-file", prompts, "--model", models / "label", "-n", 2, "--seed", 1,
+    code, out, err = run(capsys, "generate", "--prompts-file", prompts, "--model", cli_models / "label", "-n", 2, "--seed", 1,
                          "--batch-size", 3, "-o", out_dir)
     assert code == 0, err
     assert len(calls) == 1
     names = ["cat-1.png", "cat-2.png", "ship-1.png", "ship-2.png"]
     assert [line.split("/")[-1] for line in out.splitlines() if line.startswith("wrote")] == names
     monkeypatch.setattr(StarFlowPipeline, "iter_generate", real_iter)
-    expected = load(models / "label").generate(["cat", "cat", "ship", "ship"], seed=[1, 2, 1, 2], batch_size=3)
+    expected = load(cli_models / "label").generate(["cat", "cat", "ship", "ship"], seed=[1, 2, 1, 2], batch_size=3)
     for name, image in zip(names, expected):
         assert np.array_equal(pixels(out_dir / name), pil_to_uint8(image).transpose(1, 2, 0)), name
 
 
-def test_all_labels_grid(models, tmp_path, capsys):
-    code, _, err = run(capsys, "generate", "--all-labels", "--model", models / "label", "--seed", 3, "--grid",
+def test_all_labels_grid(cli_models, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "--all-labels", "--model", cli_models / "label", "--seed", 3, "--grid",
                        "-o", tmp_path / "all.png")
     assert code == 0, err
     with Image.open(tmp_path / "all.png") as image:
         assert image.size == (2 + 4 * 18, 2 + 3 * 18), "10 classes in a 4-column grid"
         assert image.text["prompt"].startswith("airplane | automobile")
-    code, _, err = run(capsys, "generate", "--all-labels", "--model", models / "text", "-o", tmp_path / "t.png")
+    code, _, err = run(capsys, "generate", "--all-labels", "--model", cli_models / "text", "-o", tmp_path / "t.png")
     assert code == 1 and "label model" in err and not (tmp_path / "t.png").exists()
 
 
-def test_empty_prompt_and_long_prompt(models, tmp_path, capsys):
-    code, _, err = run(capsys, "generate", "", "--model", models / "text", "--seed", 0, "-o", tmp_path / "u.png")
+def test_empty_prompt_and_long_prompt(cli_models, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "", "--model", cli_models / "text", "--seed", 0, "-o", tmp_path / "u.png")
     assert code == 0, err
     with Image.open(tmp_path / "u.png") as image:
         assert image.text["prompt"] == ""
-    code, _, err = run(capsys, "generate", " ".join(["piano"] * 40), "--model", models / "text", "--seed", 0, "-o", tmp_path / "l.png")
+    code, _, err = run(capsys, "generate", " ".join(["piano"] * 40), "--model", cli_models / "text", "--seed", 0, "-o", tmp_path / "l.png")
     assert code == 0, err
     assert "note:" in err and "only the first 15" in err
 
@@ -159,9 +136,9 @@ def test_empty_prompt_and_long_prompt(models, tmp_path, capsys):
     (["--denoise", "decoder"], ["no fine-tuned decoder"]),
     (["--quantize", "3"], ["--quantize"]),
 ])
-def test_bad_options(models, tmp_path, capsys, args, fragments):
+def test_bad_options(cli_models, tmp_path, capsys, args, fragments):
     out_dir = tmp_path / "out"
-    code, _, err = run(capsys, "generate", PROMPT, "--model", models / "text", "-o", out_dir, *args)
+    code, _, err = run(capsys, "generate", PROMPT, "--model", cli_models / "text", "-o", out_dir, *args)
     assert_clean_failure(code, err, out_dir, *fragments)
 
 
@@ -178,13 +155,8 @@ def test_bad_options(models, tmp_path, capsys, args, fragments):
     (["--seed", "-1"], ["--seed", "out of range"]),
     (["--batch-size", "0"], ["--batch-size"]),
 ])
-def test_bad_options_fail_before_the_model_is_fetched(tmp_path, capsys, monkeypatch, args, fragments):
+def test_bad_options_fail_before_the_model_is_fetched(no_model, tmp_path, capsys, args, fragments):
     """On the default model a late check would cost a 27 GB download first."""
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was resolved before the options were checked")
-
-    monkeypatch.setattr(generate_command, "resolve_model", no_model)
-    monkeypatch.setattr(score_command, "resolve_model", no_model)
     out_dir = tmp_path / "out"
     code, _, err = run(capsys, "generate", PROMPT, "-o", out_dir, *args)
     assert_clean_failure(code, err, out_dir, *fragments)
@@ -193,7 +165,7 @@ def test_bad_options_fail_before_the_model_is_fetched(tmp_path, capsys, monkeypa
         assert_clean_failure(code, err, out_dir, *fragments)
 
 
-def test_bad_models(models, tmp_path, capsys, monkeypatch):
+def test_bad_models(cli_models, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("STARFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     out_dir = tmp_path / "out"
@@ -204,43 +176,43 @@ def test_bad_models(models, tmp_path, capsys, monkeypatch):
     (tmp_path / "empty").mkdir()
     code, _, err = run(capsys, "generate", PROMPT, "--model", tmp_path / "empty", "-o", out_dir)
     assert_clean_failure(code, err, out_dir, "not a converted folder")
-    code, _, err = run(capsys, "generate", PROMPT, "--model", models / "text" / "flow", "-o", out_dir)
+    code, _, err = run(capsys, "generate", PROMPT, "--model", cli_models / "text" / "flow", "-o", out_dir)
     assert_clean_failure(code, err, out_dir, "not a model")
-    code, _, err = run(capsys, "generate", "dragon", "--model", models / "label", "-o", out_dir)
+    code, _, err = run(capsys, "generate", "dragon", "--model", cli_models / "label", "-o", out_dir)
     assert_clean_failure(code, err, out_dir, "unknown label", "airplane")
 
 
-def test_outputs_are_never_replaced_silently_or_written_where_impossible(models, tmp_path, capsys):
+def test_outputs_are_never_replaced_silently_or_written_where_impossible(cli_models, tmp_path, capsys):
     taken = tmp_path / "taken.png"
     taken.write_bytes(b"mine")
-    code, _, err = run(capsys, "generate", PROMPT, "--model", models / "text", "-o", taken)
+    code, _, err = run(capsys, "generate", PROMPT, "--model", cli_models / "text", "-o", taken)
     assert code == 1 and "--force" in err and len(err.strip().splitlines()) == 1
     assert taken.read_bytes() == b"mine"
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    code, _, err = run(capsys, "generate", PROMPT, "--model", models / "text", "-o", blocker / "out")
+    code, _, err = run(capsys, "generate", PROMPT, "--model", cli_models / "text", "-o", blocker / "out")
     assert_clean_failure(code, err, tmp_path / "none", "cannot write", "is a file")
-    code, _, err = run(capsys, "generate", PROMPT, "--model", models / "text", "-o", tmp_path / "x.jpg")
+    code, _, err = run(capsys, "generate", PROMPT, "--model", cli_models / "text", "-o", tmp_path / "x.jpg")
     assert_clean_failure(code, err, tmp_path / "none", ".png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "taken.png"]
 
 
-def test_prompt_input_errors(models, tmp_path, capsys):
+def test_prompt_input_errors(cli_models, tmp_path, capsys):
     out_dir = tmp_path / "out"
-    code, _, err = run(capsys, "generate", "--model", models / "text", "-o", out_dir)
+    code, _, err = run(capsys, "generate", "--model", cli_models / "text", "-o", out_dir)
     assert_clean_failure(code, err, out_dir, "--prompts-file")
-    code, _, err = run(capsys, "generate", "--prompts-file", tmp_path / "none.txt", "--model", models / "text", "-o", out_dir)
+    code, _, err = run(capsys, "generate", "--prompts-file", tmp_path / "none.txt", "--model", cli_models / "text", "-o", out_dir)
     assert_clean_failure(code, err, out_dir, "none.txt")
     blank = tmp_path / "blank.txt"
     blank.write_text("\n \n")
-    code, _, err = run(capsys, "generate", "--prompts-file", blank, "--model", models / "text", "-o", out_dir)
+    code, _, err = run(capsys, "generate", "--prompts-file", blank, "--model", cli_models / "text", "-o", out_dir)
     assert_clean_failure(code, err, out_dir, "no prompts")
 
 
-def test_info_describes_models_and_caches(models, tmp_path, capsys, monkeypatch):
+def test_info_describes_models_and_caches(cli_models, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("STARFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    code, out, err = run(capsys, "info", models / "text")
+    code, out, err = run(capsys, "info", cli_models / "text")
     assert code == 0, err
     for fragment in ("flow", "text_encoder", "vae", "float32", "64x64", "multiples of 8"):
         assert fragment in out
@@ -302,24 +274,24 @@ def test_info_on_a_component_folder_names_the_model_folder(capsys):
     assert out == ""
 
 
-def test_score_prints_bits_per_dim_and_refuses_a_corrupt_image(models, tmp_path, capsys):
+def test_score_prints_bits_per_dim_and_refuses_a_corrupt_image(cli_models, tmp_path, capsys):
     good = tmp_path / "good.png"
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 30, 3), dtype=np.uint8)).save(good)
-    code, out, err = run(capsys, "score", good, "cat", "--model", models / "label")
+    code, out, err = run(capsys, "score", good, "cat", "--model", cli_models / "label")
     assert code == 0, err
     fields = out.split()
     assert fields[1] == "bits/dim" and fields[2] == "(8-bit:", out
     assert abs(float(fields[3].rstrip(")")) - float(fields[0]) - EIGHT_BIT_SHIFT) < 1e-3, out
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
-    code, _, err = run(capsys, "score", corrupt, "cat", "--model", models / "label")
+    code, _, err = run(capsys, "score", corrupt, "cat", "--model", cli_models / "label")
     assert_clean_failure(code, err, tmp_path / "none", "cannot read", "corrupt.png")
 
 
-def test_score_of_a_latent_model_is_per_latent_dimension_and_notes_a_long_prompt(models, tmp_path, capsys):
+def test_score_of_a_latent_model_is_per_latent_dimension_and_notes_a_long_prompt(cli_models, tmp_path, capsys):
     image = tmp_path / "image.png"
     Image.fromarray(np.random.RandomState(1).randint(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
-    code, out, err = run(capsys, "score", image, " ".join(["piano"] * 40), "--model", models / "text")
+    code, out, err = run(capsys, "score", image, " ".join(["piano"] * 40), "--model", cli_models / "text")
     assert code == 0, err
     assert "per latent dimension" in out and "8-bit" not in out
     assert "note:" in err and "only the first 15" in err

@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 
 from mlx_starflow.app.cli import main
+from cli_runs import DEMO
 
-REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).with_name("golden_outputs.json")
 RECORD = os.environ.get("STARFLOW_RECORD_GOLDEN") == "1"
 JACOBI = ["--jacobi-block-size", "16", "--jacobi-threshold", "1e-3", "--jacobi-max-iter", "32"]
@@ -40,13 +40,8 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def models(fixtures_dir, tmp_path_factory) -> dict[str, Path]:
-    root, sf = tmp_path_factory.mktemp("golden_models"), fixtures_dir / "starflow"
-    assert main(["convert", str(sf / "model.pth"), "--config", str(sf / "config.yaml"), "--out", str(root / "text"),
-                 "--text-encoder", str(fixtures_dir / "t5"), "--vae", str(fixtures_dir / "vae")]) == 0
-    assert main(["convert", str(sf / "label_model" / "model.pth"), "--config", str(sf / "label_model" / "config.yaml"),
-                 "--out", str(root / "label")]) == 0
-    return {"demo": REPO / "weights" / "demo", "text": root / "text", "label": root / "label"}
+def models(cli_models) -> dict[str, Path]:
+    return {"demo": DEMO, "text": cli_models / "text", "label": cli_models / "label"}
 
 
 def fingerprint(path: Path) -> dict:

@@ -5,7 +5,9 @@ The cases are the ones a sweep of every command with bad files and values found 
 and prompt files that are FIFOs, devices, folders, not UTF-8 or too big; prompts that are not
 UTF-8 on the command line; counts that only multiply past a limit (noise rows × prompts, images ×
 prompts, captions); noise files holding NaN; seeds out of range; zips that declare millions of
-entries; converted weights damaged in place before `export-pth`; a noise file on a read-only disk.
+entries; converted weights damaged in place before `export-pth`; a noise file on a read-only disk;
+manifests and verification records that are FIFOs, nested too deep or damaged (run in a subprocess
+with a timeout where a read could block); a noise file's damaged prompt record.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from mlx_starflow.app.cli import main
 from mlx_starflow.app.limits import MAX_IMAGES, MAX_PAIRS
 from mlx_starflow.convert.pth_reader import MAX_ZIP_DIRECTORY_BYTES, MAX_ZIP_ENTRIES, open_pth
 from mlx_starflow.convert.safetensors_io import safetensors_metadata
-from mlx_starflow.errors import WeightsError
-from mlx_starflow.noise_file import save_noise
+from mlx_starflow.errors import InputError, WeightsError
+from mlx_starflow.noise_file import NoiseFile, save_noise
 
 NOT_UTF8 = "caf\udce9"
 """What Python makes of the Latin-1 bytes `caf\\xe9` on a UTF-8 command line (surrogateescape)."""
@@ -70,9 +72,8 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    for module in (generate_command, score_command):
-        monkeypatch.setattr(module, "resolve_model", refuse)
-    for module in (rank_command, invert_command, edit_command, vary_command, interpolate_command):
+    monkeypatch.setattr(generate_command, "resolve_model", refuse)
+    for module in (score_command, rank_command, invert_command, edit_command, vary_command, interpolate_command):
         monkeypatch.setattr(module, "load_pipeline", refuse)
 
 
@@ -421,3 +422,21 @@ def test_a_damaged_record_does_not_hide_damaged_weights(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "red circle", "--model", model, "-W", 8, "-H", 8, "-o", tmp_path / "out.png")
     one_error_line(code, err, "model.safetensors", "sha256")
     assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("recorded", ["[" * 100_000, "5", '["a", 1]', "not json"])
+def test_a_noise_files_damaged_prompts_are_an_input_error(recorded):
+    with pytest.raises(InputError, match="recorded prompts are damaged"):
+        NoiseFile(mx.zeros((1, 4, 1, 1)), {"prompts": recorded}).prompts
+
+
+@pytest.mark.parametrize("field,value", [("components", 5), ("components", ["flow", 3]), ("components", {"flow": 1}),
+                                         ("sources", ["a path"]), ("sources", 7)])
+def test_info_refuses_a_malformed_manifest_in_one_line(capsys, tmp_path, field, value):
+    model = tmp_path / "model"
+    shutil.copytree(DEMO, model, ignore=shutil.ignore_patterns(".verified.json"))
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest[field] = value
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    code, out, err = run(capsys, "info", model)
+    one_error_line(code, err, "manifest.json is malformed", field)

@@ -15,11 +15,10 @@ import pytest
 from PIL import Image
 
 import mlx_starflow.app.outputs as outputs
-from mlx_starflow.app.cli import main
 from mlx_starflow.app.outputs import Target, plan_outputs, write_image
 from mlx_starflow.errors import OutputError, OutputExists
+from cli_runs import DEMO, run
 
-DEMO = Path(__file__).resolve().parents[1] / "weights" / "demo"
 SMALL = ["--model", str(DEMO), "-W", "8", "-H", "8", "--seed", "0"]
 """The demo model at 8x8 pixels: a real generation in a fraction of a second."""
 
@@ -31,12 +30,6 @@ def solid(value: int) -> Image.Image:
 def colour(path: Path) -> int:
     with Image.open(path) as image:
         return int(np.asarray(image.convert("RGB"))[0, 0, 0])
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_plans_free_names_and_refuses_taken_explicit_names(tmp_path):

@@ -4,6 +4,8 @@ Per-image Jacobi must make an image independent of its batch: sampled with other
 the same seed sampled alone up to float reassociation in batched matmuls (BATCH_TOL, 1e-5:
 the fixture README's float32 noise floor for sampling is ~1e-6, the smallest porting-bug
 signal 4.2e-5). The official batch-coupled rule stays available and differs measurably.
+The Jacobi options (a deep-block threshold, a carried first iterate, named presets) are off by
+default and never change what Jacobi converges to, only how many passes it takes.
 """
 
 from __future__ import annotations
@@ -233,7 +235,6 @@ def test_cli_presets_and_single_flags_override_them(tmp_path, capsys):
     from PIL import Image
 
     from mlx_starflow.app.cli import main
-
     from mlx_starflow.app.commands.generate import JacobiOverrides, make_sampler
     from mlx_starflow.samplers import JACOBI_PRESETS
 

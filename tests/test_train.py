@@ -563,3 +563,18 @@ def test_captions_naming_files_outside_the_data_folder_are_refused_unread(tiny, 
     code, err = run_cli(capsys, *args)
     assert_clean_failure(code, err, "outside the data folder", entry)
     assert opened == [] and not out.exists()
+
+
+def test_two_real_runs_into_one_new_folder_never_both_write(tiny, tmp_path):
+    out = tmp_path / "run"
+    script = "import sys; from mlx_starflow.app.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = [str(a) for a in train_args(tiny, out, "--steps", 2, "--sample-every", 0)]
+    runs = [subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    errors = [run.communicate(timeout=300)[1] for run in runs]
+    results = [(run.returncode, err) for run, err in zip(runs, errors)]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    loser = next(err for code, err in results if code == 1)
+    assert_clean_failure(1, loser, str(out))
+    assert "in use by another training run" in loser or "already exists" in loser, loser
+    assert read_run_state(out)["step"] == 2

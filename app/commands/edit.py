@@ -16,8 +16,8 @@ from mlx_starflow.editing import edit as edit_image
 from mlx_starflow.errors import InputError
 from mlx_starflow.pipeline import check_seed
 
-from ..options import FIRST_RUN_DTYPE, Dtype, Force, Guidance, Height, Model, Offline, Quantize, Seed, Width, utf8_text
-from .noise_tools import Denoise, JacobiFlag, check_image_path, load_pipeline, note, png_targets, sampler, stderr, write_results
+from ..options import FIRST_RUN_DTYPE, Denoise, Dtype, Force, Guidance, Height, JacobiFlag, Model, Offline, Quantize, Seed, Width, utf8_text
+from .noise_tools import check_image_path, load_pipeline, note, png_targets, sampler, stderr, write_results
 
 
 def parse_keep(keep: str | None) -> int | float | None:

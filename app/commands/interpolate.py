@@ -17,10 +17,10 @@ from mlx_starflow.editing import interpolate as interpolate_noise
 from mlx_starflow.errors import InputError
 from mlx_starflow.image import make_grid, pil_to_uint8
 
-from ..limits import MAX_IMAGES, check_at_most
-from ..options import FIRST_RUN_DTYPE, Dtype, Force, Guidance, Height, Model, Offline, Quantize, Width, check_batch_size, check_seeds, image_count, utf8_text
+from ..options import (FIRST_RUN_DTYPE, Denoise, Dtype, Force, Guidance, Height, JacobiFlag, Model, Offline, Quantize, Width,
+                       check_batch_size, check_seeds, image_count, utf8_text)
 from ..outputs import write_image
-from .noise_tools import Denoise, JacobiFlag, check_image_path, load_pipeline, note, png_targets, sampler
+from .noise_tools import check_image_path, load_pipeline, note, png_targets, sampler
 
 
 def interpolate(
@@ -47,7 +47,6 @@ def interpolate(
         raise InputError("give --seeds A B or --images X Y (exactly one pair)")
     if steps < 2:
         raise InputError(f"--steps must be at least 2 (the two ends), got {steps}")
-    check_at_most("--steps", steps, MAX_IMAGES, "images planned per run")
     for image in images or ():
         check_image_path(image)
     strip = png_targets(output, 1, force)

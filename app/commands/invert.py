@@ -15,9 +15,9 @@ from mlx_starflow.editing import invert as invert_images, round_trip_error
 from mlx_starflow.errors import InputError, OutputExists
 from mlx_starflow.noise_file import noise_metadata, save_noise
 
-from ..options import FIRST_RUN_DTYPE, Dtype, Force, Height, Model, Offline, Quantize, Width, utf8_text
+from ..options import FIRST_RUN_DTYPE, Dtype, Force, Height, JacobiFlag, Model, Offline, Quantize, Width, utf8_text
 from ..outputs import check_writable
-from .noise_tools import JacobiFlag, check_image_path, load_pipeline, note, sampler
+from .noise_tools import check_image_path, load_pipeline, note, sampler
 
 
 def invert(

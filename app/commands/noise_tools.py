@@ -1,11 +1,11 @@
 """What `invert`, `edit`, `vary`, `interpolate`, `rank` and `score` share: loading the model,
-the sampler flag, output names planned before anything runs, and writing the results."""
+the sampler the flag picks, output names planned before anything runs, and writing the results."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -21,12 +21,6 @@ from ..limits import check_image_count
 from ..outputs import Target, check_writable, explicit, write_image
 
 stderr = Console(stderr=True, highlight=False)
-
-JacobiFlag = Annotated[bool, typer.Option(
-    "--jacobi/--sequential",
-    help="Block-wise Jacobi iteration (fast, official defaults) or token-by-token decoding (exact inverse of the forward pass).")]
-Denoise = Annotated[Optional[str], typer.Option(
-    "--denoise", help="score, decoder or none (default: decoder if the model has one, else score); none shows the flow's own sample.")]
 
 
 def sampler(jacobi: bool) -> Sampler:

@@ -14,20 +14,17 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-from mlx_starflow.convert.hub import resolve_model
 from mlx_starflow.image import read_image
-from mlx_starflow.pipeline import load
 from mlx_starflow.ranking import DEFAULT_PAIR_BATCH, score as score_pairs
 from mlx_starflow.sampling import LOG2_PIXEL_SCALE
 
 from ..inputs import check_text
 from ..limits import check_pairs
 from ..options import FIRST_RUN_DTYPE, Dtype, Height, Model, Offline, Quantize, Width, check_batch_size
+from .noise_tools import load_pipeline, note
 from .rank import read_captions
 
-stderr = Console(stderr=True, highlight=False)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -59,11 +56,9 @@ def score(
     images, prompts = split_arguments(arguments, prompt, prompts_file)
     check_pairs(len(images) * len(prompts), "(image, prompt) pairs")
     pixels = [read_image(image) for image in images]
-    folder = resolve_model(model, dtype, quantize, offline, notify=lambda message: stderr.print(message, soft_wrap=True))
-    pipeline = load(folder)
+    pipeline = load_pipeline(model, dtype, quantize, offline)
     size = pipeline.check_size(width, height)
-    for note in pipeline.check_prompts(prompts):
-        stderr.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
+    note(pipeline, prompts)
     bits = score_pairs(pipeline, pixels, prompts, *size, batch_size or DEFAULT_PAIR_BATCH).tolist()
     pixel_model = pipeline.vae is None
     if as_json:

@@ -55,7 +55,8 @@ def train(
     (config drop_label), latent-norm regularisation, AdamW with warm-up and cosine decay.
     --seed seeds initialisation, held-out split, batch order, noise and condition dropout;
     --guidance is the sample grids'; --force starts over in an existing --out run folder.
-    Ctrl-C (or SIGTERM) writes a checkpoint and stops; --resume continues it."""
+    Once training runs, Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint and stops; --resume
+    continues it. During setup it stops at once. A second run into a run folder in use is refused."""
     if (config is None) == (init is None):
         raise InputError("pass --config YAML to train a new model or --init MODEL to fine-tune one (exactly one)")
     if (out is None) == (resume is None):

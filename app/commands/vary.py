@@ -15,9 +15,9 @@ from mlx_starflow.editing import vary as vary_image
 from mlx_starflow.noise_ops import check_strength
 from mlx_starflow.pipeline import check_seed
 
-from ..limits import MAX_IMAGES, check_at_most
-from ..options import FIRST_RUN_DTYPE, Dtype, Force, Guidance, Height, Model, Offline, Quantize, Seed, Width, check_batch_size, finite, image_count, utf8_text
-from .noise_tools import Denoise, JacobiFlag, check_image_path, load_pipeline, note, png_targets, sampler, stderr, write_results
+from ..options import (FIRST_RUN_DTYPE, Denoise, Dtype, Force, Guidance, Height, JacobiFlag, Model, Offline, Quantize, Seed, Width,
+                       check_batch_size, finite, image_count, utf8_text)
+from .noise_tools import check_image_path, load_pipeline, note, png_targets, sampler, stderr, write_results
 
 
 def vary(
@@ -42,7 +42,6 @@ def vary(
     """Make variations of an image: its exact noise, partly redrawn."""
     check_image_path(image)
     check_strength(strength)
-    check_at_most("--num-images", num_images, MAX_IMAGES, "images planned per run")
     targets = png_targets(output or Path(f"{image.stem}-vary.png"), num_images, force)
     first_seed = check_seed(seed, num_images)
     pipeline = load_pipeline(model, dtype, quantize, offline)

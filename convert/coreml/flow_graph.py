@@ -260,24 +260,6 @@ def likelihood_layers(ops: Ops, layout: SequenceLayout, w: Weights, layers: Sequ
     return h
 
 
-def likelihood_block(
-    ops: Ops, w: Weights, shape: BlockShape, tokens: Var, text: Var | None, cos: np.ndarray, sin: np.ndarray
-) -> tuple[Var, Var]:
-    """Likelihood direction of one block on tokens (B, N, Cp) in its own order: (scale logit, shift).
-
-    The whole sequence at once with a causal mask over [text; tokens] (`FlowBlock.__call__`);
-    cos/sin cover the text prefix and the tokens, (T + N, head_dim).
-    """
-    layout = SequenceLayout(shape)
-    h = likelihood_inputs(ops, layout, w, tokens, text)
-    h = likelihood_layers(ops, layout, w, sorted(_layer_indices(w)), h, cos, sin)
-    return output_head(ops, layout, w, ops.slice(h, 1, h.shape[1] - tokens.shape[1], h.shape[1]))
-
-
-def _layer_indices(w: Weights) -> set[int]:
-    return {int(name.split(".")[1]) for name in w.arrays if name.startswith("layers.")}
-
-
 def gather_rope(ops: Ops, layout: SequenceLayout, table: np.ndarray, query_positions: Var) -> Var:
     """The chunk's rows of a (L, head_dim) table, tiled over heads in the layout."""
     return layout.rope_rows(ops, ops.gather(ops.weight(table), query_positions, axis=0))
