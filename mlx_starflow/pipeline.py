@@ -270,12 +270,14 @@ class StarFlowPipeline:
     @contextlib.contextmanager
     def text_encoder_released(self) -> Iterator[None]:
         """Encode within the block; a lazy text encoder's weights are released at its end (also
-        on an error), so what follows (sampling) never holds them."""
+        on an error), so what follows (sampling) never holds them. The flow's weights, left
+        unread at load in that case, are read then, in place: the two never share memory."""
         try:
             yield
         finally:
             if isinstance(self.condition, LazyTextEncoder):
                 self.condition.release()
+                mx.eval(self.flow.parameters())
 
     def noise(self, seeds: Sequence[int], width: int, height: int) -> mx.array:
         factor = self.config.vae_factor
