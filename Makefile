@@ -36,7 +36,7 @@ DEMO_RUN     ?= build/demo-run
 BLAS         ?=
 OPENBLAS_LIB ?= /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
 BLAS_PRELOAD ?= $(if $(filter openblas,$(BLAS)),$(OPENBLAS_LIB))
-# bench: ONLY=<sections> (deep overheads jacobi batch sampling memory precision), BENCH_FLAGS for
+# bench: ONLY=<sections> (deep overheads jacobi batch sampling editing memory precision), BENCH_FLAGS for
 # benchmarks/run.py (e.g. --width 1024 --layers 1 for a quick run)
 ONLY         ?=
 BENCH_FLAGS  ?=

@@ -24,6 +24,7 @@ from PIL import Image
 
 from mlx_starflow.errors import InputError, OutputError, OutputExists
 from mlx_starflow.image import save_png
+from mlx_starflow.model_io import process_alive
 
 SLUG_LENGTH = 48
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
@@ -120,18 +121,8 @@ def remove_abandoned(folder: Path) -> None:
     process is gone); a live run's staged files are left alone."""
     for path in folder.glob(".*.partial-*") if folder.is_dir() else []:
         match = _STAGED.search(path.name)
-        if match and path.is_file() and not _alive(int(match.group(1))):
+        if match and path.is_file() and not process_alive(int(match.group(1))):
             path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
 
 
 def write_image(image: Image.Image, target: Target, metadata: dict[str, str], force: bool) -> Path:

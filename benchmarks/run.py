@@ -19,13 +19,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import (batch_throughput, ceiling, converter_memory, flow_speed, full_width, jacobi_trained, overheads,
-               precision, projection)
+from . import (batch_throughput, ceiling, converter_memory, editing_cost, flow_speed, full_width, jacobi_trained,
+               overheads, precision, projection)
 
-SECTIONS = ("deep", "overheads", "jacobi", "batch", "sampling", "memory", "precision")
+SECTIONS = ("deep", "overheads", "jacobi", "batch", "sampling", "editing", "memory", "precision")
 """deep: full-width steps vs the ceiling; overheads: where else a step's time goes; jacobi: the
 trained demo model's sweep; batch: images/s per batch size; sampling: reduced-width samplers on
-random weights and the denoise memory; memory: converter peak RSS; precision: dtypes vs float32."""
+random weights and the denoise memory; editing: invert and rank as ratios to a sampling run;
+memory: converter peak RSS; precision: dtypes vs float32."""
 DEFAULT_JSON = Path("build") / "bench.json"
 OPENBLAS_HINT = "apt-get install libopenblas0-pthread (then make bench BLAS=openblas)"
 
@@ -113,6 +114,7 @@ def main() -> None:
         "jacobi": jacobi_trained.run,
         "batch": lambda: batch_throughput.run(args.batch_width, 2, args.repeats),
         "sampling": lambda: flow_speed.run(args.sampling_width, 32),
+        "editing": lambda: editing_cost.run(args.repeats),
         "memory": lambda: converter_memory.run(args.checkpoint_width),
         "precision": precision.run,
     }

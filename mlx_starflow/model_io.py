@@ -131,7 +131,7 @@ _TEMPORARY = re.compile(r"^\..+\.(tmp|old)-(\d+)-")
 def is_stale_temporary(path: Path) -> bool:
     """Whether `path` is a temporary folder of ours whose process is gone (a killed run's leftover)."""
     match = _TEMPORARY.match(path.name)
-    return bool(match) and path.is_dir() and not path.is_symlink() and not _process_alive(int(match.group(2)))
+    return bool(match) and path.is_dir() and not path.is_symlink() and not process_alive(int(match.group(2)))
 
 
 def remove_stale_temporaries(out: Path) -> None:
@@ -141,7 +141,8 @@ def remove_stale_temporaries(out: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs: a temporary named after a dead process is a leftover."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
