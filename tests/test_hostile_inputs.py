@@ -43,23 +43,10 @@ from mlx_starflow.convert.safetensors_io import safetensors_metadata
 from mlx_starflow.errors import InputError, WeightsError
 from mlx_starflow.noise_file import NoiseFile, save_noise
 
+from cli_runs import one_error_line, run
+
 NOT_UTF8 = "caf\udce9"
 """What Python makes of the Latin-1 bytes `caf\\xe9` on a UTF-8 command line (surrogateescape)."""
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_error_line(code: int, err: str, *fragments: str) -> None:
-    assert code == 1, err
-    assert len(err.strip().splitlines()) == 1, err
-    assert err.strip().startswith("error: "), err
-    assert "Traceback" not in err and "internal error" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
