@@ -49,6 +49,19 @@ NOT_UTF8 = "caf\udce9"
 """What Python makes of the Latin-1 bytes `caf\\xe9` on a UTF-8 command line (surrogateescape)."""
 
 
+def flip_bit(path: Path, from_end: int, keep_mtime: bool = False) -> None:
+    """Damage a file in place, one bit `from_end` bytes before its end; its size stays, and with
+    `keep_mtime` its modification time too (what a cheap size/mtime check cannot see)."""
+    info = path.stat()
+    with path.open("r+b") as f:
+        f.seek(info.st_size - from_end)
+        byte = f.read(1)
+        f.seek(info.st_size - from_end)
+        f.write(bytes([byte[0] ^ 0x10]))
+    if keep_mtime:
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -251,14 +264,7 @@ def model(fixtures_dir, tmp_path_factory):
 def test_export_pth_refuses_weights_damaged_in_place(model, capsys, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(model, damaged)
-    weights = damaged / "flow" / "model.safetensors"
-    stat = weights.stat()
-    with weights.open("r+b") as f:
-        f.seek(stat.st_size - 64)
-        byte = f.read(1)
-        f.seek(stat.st_size - 64)
-        f.write(bytes([byte[0] ^ 0x10]))
-    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    flip_bit(damaged / "flow" / "model.safetensors", 64, keep_mtime=True)
     (damaged / "flow" / ".verified.json").unlink(missing_ok=True)
     out = tmp_path / "out"
     out.mkdir()
@@ -398,13 +404,7 @@ def test_a_damaged_verification_record_means_hash_again(capsys, tmp_path, record
 def test_a_damaged_record_does_not_hide_damaged_weights(capsys, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(DEMO, model, ignore=shutil.ignore_patterns(".verified.json"))
-    weights = model / "flow" / "model.safetensors"
-    info = weights.stat()
-    with weights.open("r+b") as f:
-        f.seek(info.st_size - 8)
-        byte = f.read(1)
-        f.seek(info.st_size - 8)
-        f.write(bytes([byte[0] ^ 0x10]))
+    flip_bit(model / "flow" / "model.safetensors", 8)
     (model / "flow" / ".verified.json").write_text(DEEP_JSON)
     code, _, err = run(capsys, "generate", "red circle", "--model", model, "-W", 8, "-H", 8, "-o", tmp_path / "out.png")
     one_error_line(code, err, "model.safetensors", "sha256")
