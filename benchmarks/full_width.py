@@ -17,7 +17,8 @@ import mlx.nn as nn
 
 from mlx_starflow.config import FlowConfig
 from mlx_starflow.flow_block import FlowBlock
-from mlx_starflow.block_runner import MLXBlockRunner
+from mlx_starflow.backend_linears import arrange_for_backend
+from mlx_starflow.block_runner import ATTENTION_BUCKET, MLXBlockRunner
 from mlx_starflow.quantization import GROUP_SIZE
 from mlx_starflow.rope import rope_tables
 from mlx_starflow.token_layout import TokenLayout
@@ -35,14 +36,24 @@ class Variant:
     name: str
     dtype: mx.Dtype
     bits: int | None = None
+    arranged: bool = True
+    """Linears arranged for the backend as a loaded model's are (`arrange_for_backend`)."""
+    attention_bucket: int = ATTENTION_BUCKET
+    """Cache positions per attention length; 0 attends over the whole cache."""
+    before_of: str | None = None
+    """The variant this one shows as it ran before the changes measured against it."""
 
 
 VARIANTS = (
     Variant("float32", mx.float32),
+    Variant("float32 before: (out, in) weights, whole cache", mx.float32, arranged=False, attention_bucket=0,
+            before_of="float32"),
     Variant("float16", mx.float16),
     Variant("bfloat16", mx.bfloat16),
+    Variant("bfloat16 before: one stream", mx.bfloat16, arranged=False, before_of="bfloat16"),
     Variant("8-bit (float32 rest)", mx.float32, 8),
     Variant("4-bit (float32 rest)", mx.float32, 4),
+    Variant("4-bit before: one stream", mx.float32, 4, arranged=False, before_of="4-bit (float32 rest)"),
 )
 """Quantised variants keep float32 for the rest (and so compute in float32): on MLX's CPU
 backend a quantised layer computing in float16 took ≈ 33 s per token step against ≈ 0.9 s in
@@ -116,9 +127,13 @@ def build_block(config: FlowConfig, layers: int, text: bool, variant: Variant, s
         if variant.bits:
             nn.quantize(layer, group_size=GROUP_SIZE, bits=variant.bits)
             mx.eval(layer.parameters())
+        if variant.arranged:
+            arrange_for_backend(layer)
     for name in ("proj_in", "proj_txt", "final_norm", "proj_out"):
         if name in block:
             draw(block[name])
+            if variant.arranged:
+                arrange_for_backend(block[name])
     block.sos = mx.zeros(block.sos.shape, variant.dtype)
     mx.eval(block.sos)
     return block
@@ -136,21 +151,23 @@ def head_bytes(block: FlowBlock) -> int:
 
 
 def runner(block: FlowBlock, config: FlowConfig, prefix: int, compiled: bool,
-           cache_length: int | None = None) -> MLXBlockRunner:
+           cache_length: int | None = None, attention_bucket: int = ATTENTION_BUCKET) -> MLXBlockRunner:
     """The block's runner as the samplers drive it, over a 32×32 latent (1024 tokens); the cache
-    holds `cache_length` positions (default: the whole prefix and image)."""
+    holds `cache_length` positions (default: the whole prefix and image); `attention_bucket` 0
+    attends over the whole cache at every step."""
     side = config.latent_size
     layout = TokenLayout(config.token_channels, side, side, 1)
     cos, sin = rope_tables(layout, prefix, config.pt_seq_len, config.head_dim, config.rope_theta, config.txt_size > 0)
     tokens = (cache_length or prefix + side * side) - prefix
-    return MLXBlockRunner(block, cos, sin, prefix, tokens, compiled)
+    return MLXBlockRunner(block, cos, sin, prefix, tokens, compiled, attention_bucket=attention_bucket or prefix + tokens)
 
 
 def time_step(block: FlowBlock, config: FlowConfig, prefix: int, tokens: int, compiled: bool, repeats: int,
-              rows: int = GUIDANCE_ROWS, cache_length: int | None = None) -> float:
+              rows: int = GUIDANCE_ROWS, cache_length: int | None = None,
+              attention_bucket: int = ATTENTION_BUCKET) -> float:
     """Best seconds of one cached step of `tokens` tokens in the middle of the image (after one
     warm-up that also compiles); the cache is allocated but not prefilled."""
-    run = runner(block, config, prefix, compiled, cache_length)
+    run = runner(block, config, prefix, compiled, cache_length, attention_bucket)
     run.start(rows, None)
     mx.eval(run.pending)
     inputs = mx.zeros((rows, tokens, config.token_channels))
@@ -165,7 +182,9 @@ def time_step(block: FlowBlock, config: FlowConfig, prefix: int, tokens: int, co
 
 def measure(config: FlowConfig, variant: Variant, deep: bool, layers_run: int, repeats: int) -> StepTiming:
     """Compiled and eager ms of a one-token step and a 16-token pass (2 guidance rows for the
-    deep block, 1 row for a shallow one), best of `repeats` (eager and passes: best of 1 less)."""
+    deep block, 1 row for a shallow one), best of `repeats` + 2 for the compiled step (the
+    headline figure, on a machine whose timings vary from one step to the next), of 1 less
+    than `repeats` for the others."""
     layers = REAL_LAYERS[-1] if deep else REAL_LAYERS[0]
     layers_run = min(layers_run, layers)
     block = build_block(config, layers_run, deep, variant)
@@ -175,8 +194,9 @@ def measure(config: FlowConfig, variant: Variant, deep: bool, layers_run: int, r
     rows = GUIDANCE_ROWS if deep else 1
     for tokens in (1, JACOBI_BLOCK):
         for compiled in (True, False):
-            count = repeats if tokens == 1 and compiled else max(1, repeats - 1)
-            seconds = time_step(block, config, prefix, tokens, compiled, count, rows)
+            count = repeats + 2 if tokens == 1 and compiled else max(1, repeats - 1)
+            seconds = time_step(block, config, prefix, tokens, compiled, count, rows,
+                                attention_bucket=variant.attention_bucket)
             times[tokens, compiled] = seconds * scale * 1e3
     weight_bytes = layers * layer_bytes(block) + head_bytes(block)
     del block
@@ -199,7 +219,9 @@ def run(ceiling_gbps: float, width: int = REAL_WIDTH, layers_run: int = 2, quant
         deep.append(measure(config, variant, True, run_layers, repeats))
         if variant.name in SHALLOW_VARIANTS:
             shallow.append(measure(config, variant, False, run_layers, repeats))
-    best = max(deep, key=lambda t: t.gbps)
+    befores = {variant.before_of: variant.name for variant in VARIANTS if variant.before_of}
+    by_name = {timing.variant: timing for timing in deep}
+    best = max((t for t in deep if t.variant not in befores.values()), key=lambda t: t.gbps)
     lines = [
         f"### Full-width steps: deep block (24 layers, width {width}, text 128×2048, 1152-position cache, "
         f"2 guidance rows) and a shallow block (2 layers, 1 row)",
@@ -216,8 +238,13 @@ def run(ceiling_gbps: float, width: int = REAL_WIDTH, layers_run: int = 2, quant
             f"| {timing.block} | {timing.variant} | {timing.layers_run} of {timing.layers} | {timing.weight_bytes / 1e6:,.0f} "
             f"| {timing.step_ms:,.0f} | {timing.eager_ms:,.0f} | {timing.gbps:.2f} | {timing.gbps / ceiling_gbps:.0%} "
             f"| {timing.pass_ms:,.0f} / {timing.eager_pass_ms:,.0f} | {timing.pass_per_token_ratio:.2f} |")
-    lines += ["", f"Best deep variant here: **{best.variant}**, {best.gbps / ceiling_gbps:.0%} of the ceiling."]
+    lines += ["", f"Best deep variant here: **{best.variant}**, {best.gbps / ceiling_gbps:.0%} of the ceiling. "
+              "A step is timed at the middle of the image (the cache half filled)."]
+    speedups = {after: by_name[before].step_ms / by_name[after].step_ms for after, before in befores.items()}
+    lines += ["", "Deep step, as loaded now vs as before (weights arranged for the backend, attention over the "
+              "filled cache): " + "; ".join(f"{after} {ratio:.2f}× faster" for after, ratio in speedups.items()) + "."]
     record = {
+        "deep_step_speedup": speedups,
         "deep_step": {t.variant: t.record(ceiling_gbps) for t in deep},
         "shallow_step": {t.variant: t.record(ceiling_gbps) for t in shallow},
         "best_deep_variant": best.variant,

@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_starflow.backend_linears import arrange_for_backend
 from mlx_starflow.config import FlowConfig
 from mlx_starflow.flow import StarFlow
 
@@ -45,7 +46,9 @@ def seeded_weights(config: FlowConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def seeded_flow(config: FlowConfig, seed: int = 0, dtype: mx.Dtype = mx.float32) -> StarFlow:
+    """A flow with `seeded_weights`, its linears arranged for the backend as a loaded flow's are."""
     model = StarFlow(config)
     model.update(tree_unflatten([(k, mx.array(v).astype(dtype)) for k, v in seeded_weights(config, seed).items()]))
     mx.eval(model.parameters())
+    arrange_for_backend(model)
     return model

@@ -39,20 +39,27 @@ class BlockRunner(Protocol):
         """Arrays a step left to evaluate (the cache), evaluated with the sampler's own."""
 
 
+ATTENTION_BUCKET = 128
+"""Cache positions per attention length a step graph is compiled for. A step reads the filled
+part of the cache rounded up to this, not the whole cache; at full width the cache is about a
+tenth of a step's bytes (`make bench ONLY=overheads`)."""
+
+
 class MLXBlockRunner:
     """An MLX `FlowBlock` with a fixed-size KV cache and one (optionally compiled) step graph."""
 
     def __init__(self, block: FlowBlock, cos: mx.array, sin: mx.array, text_length: int, token_count: int,
-                 compiled: bool = True, attn_temp: float = 1.0):
+                 compiled: bool = True, attn_temp: float = 1.0, attention_bucket: int = ATTENTION_BUCKET):
         self.block, self.cos, self.sin, self.attn_temp = block, cos, sin, attn_temp
+        self.attention_bucket = attention_bucket
         self.text_length, self.token_count = text_length, token_count
         self.flipped, self.has_text = block.flipped, block.has_text
         self.sos = block.sos.astype(mx.float32).reshape(-1)
         self.cache = KVCache([], [])
 
-        def step(inputs: mx.array, position: mx.array, keys: list, values: list):
+        def step(inputs: mx.array, position: mx.array, keys: list, values: list, visible: int):
             cache = KVCache(list(keys), list(values))
-            a, b = block.step(inputs, position, cos, sin, cache, attn_temp)
+            a, b = block.step(inputs, position, cos, sin, cache, attn_temp, visible)
             return a, b, cache.keys, cache.values
 
         self._step = mx.compile(step) if compiled else step
@@ -64,8 +71,15 @@ class MLXBlockRunner:
 
     def step(self, inputs: mx.array, index: int) -> tuple[mx.array, mx.array]:
         position = mx.array([self.text_length + index], dtype=mx.int32)
-        a, b, self.cache.keys, self.cache.values = self._step(inputs, position, self.cache.keys, self.cache.values)
+        visible = self.visible_length(self.text_length + index + inputs.shape[1])
+        a, b, self.cache.keys, self.cache.values = self._step(inputs, position, self.cache.keys, self.cache.values, visible)
         return a, b
+
+    def visible_length(self, end: int) -> int:
+        """Cache positions a chunk ending before `end` attends to: `end` rounded up to a whole
+        attention bucket, so a block compiles at most length / bucket step graphs."""
+        bucket = self.attention_bucket
+        return min(-(-end // bucket) * bucket, self.text_length + self.token_count)
 
     @property
     def pending(self) -> list[mx.array]:

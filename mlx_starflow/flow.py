@@ -26,6 +26,7 @@ from .rope import rope_tables
 from .samplers import BlockProgress, JacobiChunk, Sampler, Sequential
 from .sampling import bits_per_dim, guided_gaussian, nll_per_sample, scale_from_logit, whiten
 from .token_layout import TokenLayout
+from .backend_linears import arrange_for_backend
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,7 @@ def load_flow(path: str | Path, bfloat16_rope: bool = False, float32_compute: bo
     (its weights keep their rounded values, in twice the memory): on the fixtures' bfloat16
     checkpoint this halves the distance to the float32 samples, as the official sampler's
     float32 autocast computes. `evaluate=False` leaves the weights unread until first use.
+    Linears are arranged for the backend (`backend_linears`).
     """
     folder = Path(path)
     if (folder / "flow").is_dir():
@@ -251,6 +253,7 @@ def load_flow(path: str | Path, bfloat16_rope: bool = False, float32_compute: bo
     load_weights(model, folder, evaluate)
     if float32_compute:
         model.set_dtype(mx.float32)
+    arrange_for_backend(model, evaluate)
     model.eval()
     return model
 

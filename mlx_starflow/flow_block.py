@@ -82,12 +82,13 @@ class FlowBlock(nn.Module):
         return KVCache.allocate(len(self.layers), batch, first.heads, length, first.head_dim, self.compute_dtype)
 
     def _run_cached(
-        self, h: mx.array, position: mx.array, cos: mx.array, sin: mx.array, cache: KVCache, attn_temp: float
+        self, h: mx.array, position: mx.array, cos: mx.array, sin: mx.array, cache: KVCache, attn_temp: float,
+        visible: int | None = None,
     ) -> mx.array:
         count = h.shape[1]
         query_positions = position + mx.arange(count)
         rows_cos, rows_sin = mx.take(cos, query_positions, axis=0), mx.take(sin, query_positions, axis=0)
-        mask = mx.arange(cache.length)[None, :] <= query_positions[:, None]
+        mask = mx.arange(visible or cache.length)[None, :] <= query_positions[:, None]
         for index, layer in enumerate(self.layers):
             h = layer.step(h, rows_cos, rows_sin, cache, index, position, mask, attn_temp)
         return h
@@ -95,16 +96,20 @@ class FlowBlock(nn.Module):
     def prefill(self, text: mx.array, cos: mx.array, sin: mx.array, cache: KVCache, attn_temp: float = 1.0) -> None:
         """Run the text prefix through every layer to fill cache positions 0…T-1."""
         h = self.proj_txt(text.astype(self.compute_dtype))
-        self._run_cached(h, mx.array([0]), cos, sin, cache, attn_temp)
+        self._run_cached(h, mx.array([0]), cos, sin, cache, attn_temp, visible=text.shape[1])
 
     def step(
-        self, inputs: mx.array, position: mx.array, cos: mx.array, sin: mx.array, cache: KVCache, attn_temp: float = 1.0
+        self, inputs: mx.array, position: mx.array, cos: mx.array, sin: mx.array, cache: KVCache, attn_temp: float = 1.0,
+        visible: int | None = None,
     ) -> tuple[mx.array, mx.array]:
         """(scale logit, shift) for a chunk of input tokens whose first sits at cache `position`.
 
         `inputs` are the previous tokens ([sos, x_0, …]) in this block's order; `position` is a
         (1,) int array so that one graph serves every position. `attn_temp` divides the
-        attention logits (official `reverse(attn_temp=…)`).
+        attention logits (official `reverse(attn_temp=…)`). `visible` (default: the whole
+        cache) is how many cache positions the chunk attends to; it must cover the chunk's
+        last position. The positions past the chunk are masked either way, so it changes only
+        how much of the cache a step reads.
         """
         h = self.proj_in(inputs.astype(self.compute_dtype))
-        return self.head(self._run_cached(h, position, cos, sin, cache, attn_temp))
+        return self.head(self._run_cached(h, position, cos, sin, cache, attn_temp, visible))

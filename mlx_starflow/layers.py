@@ -58,11 +58,16 @@ class Attention(nn.Module):
     ) -> mx.array:
         """Attention of a chunk at `position` against the cache; cos/sin are the chunk's rows.
 
-        `temperature` divides the softmax scale (official `apply_attention`: scale = d^-½ / temp).
+        The chunk attends to the cache's first `mask.shape[-1]` positions (the filled part,
+        rounded up), under `mask`. `temperature` divides the softmax scale (official
+        `apply_attention`: scale = d^-½ / temp).
         """
         q, k, v = self._heads(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.write(layer, k, v, position)
+        visible = mask.shape[-1]
+        if visible < keys.shape[2]:
+            keys, values = keys[:, :, :visible], values[:, :, :visible]
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.head_dim**-0.5 / temperature, mask=mask)
         return self._merge(out)
 
