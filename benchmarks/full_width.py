@@ -10,6 +10,7 @@ the layer count (every layer does the same work) and the table says so.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -84,7 +85,7 @@ class StepTiming:
         return self.pass_ms / JACOBI_BLOCK / self.step_ms
 
     def record(self, ceiling_gbps: float) -> dict:
-        return {"ms": self.step_ms, "eager_ms": self.eager_ms, "pass_ms": self.pass_ms,
+        return {"ceiling_gbps": ceiling_gbps, "ms": self.step_ms, "eager_ms": self.eager_ms, "pass_ms": self.pass_ms,
                 "eager_pass_ms": self.eager_pass_ms, "weight_bytes": self.weight_bytes, "gbps": self.gbps,
                 "fraction_of_ceiling": self.gbps / ceiling_gbps, "layers": self.layers, "layers_run": self.layers_run,
                 "pass_per_token_ratio": self.pass_per_token_ratio}
@@ -208,45 +209,55 @@ def measure(config: FlowConfig, variant: Variant, deep: bool, layers_run: int, r
 SHALLOW_VARIANTS = ("float32", "bfloat16")
 
 
-def run(ceiling_gbps: float, width: int = REAL_WIDTH, layers_run: int = 2, quantized_layers_run: int = 1,
+def run(ceiling: Callable[[], float], width: int = REAL_WIDTH, layers_run: int = 2, quantized_layers_run: int = 1,
         repeats: int = 3) -> tuple[str, dict]:
     """The deep block per variant and the shallow block for `SHALLOW_VARIANTS`: a Markdown table
-    and the `deep_step` / `shallow_step` records of bench.json."""
+    and the `deep_step` / `shallow_step` records of bench.json.
+
+    `ceiling()` measures the read-bandwidth ceiling in GB/s; it is measured again just before
+    each variant, and each variant's fraction is of that reading: on a shared machine the
+    bandwidth drifts over a run (here by half between runs minutes apart), and a ratio is
+    only meaningful between figures taken under the same conditions.
+    """
     config = real_config(width)
-    deep, shallow = [], []
+    deep, shallow, ceilings = [], [], {}
     for variant in VARIANTS:
         run_layers = quantized_layers_run if variant.bits else layers_run
+        ceilings[variant.name, "deep"] = ceiling()
         deep.append(measure(config, variant, True, run_layers, repeats))
         if variant.name in SHALLOW_VARIANTS:
+            ceilings[variant.name, "shallow"] = ceiling()
             shallow.append(measure(config, variant, False, run_layers, repeats))
     befores = {variant.before_of: variant.name for variant in VARIANTS if variant.before_of}
     by_name = {timing.variant: timing for timing in deep}
-    best = max((t for t in deep if t.variant not in befores.values()), key=lambda t: t.gbps)
+    fraction = {(t.variant, t.block): t.gbps / ceilings[t.variant, t.block] for t in [*deep, *shallow]}
+    best = max((t for t in deep if t.variant not in befores.values()), key=lambda t: fraction[t.variant, "deep"])
     lines = [
         f"### Full-width steps: deep block (24 layers, width {width}, text 128×2048, 1152-position cache, "
         f"2 guidance rows) and a shallow block (2 layers, 1 row)",
         "",
-        f"Random weights; the layers run are stated and the time is scaled to the block's layers. "
-        f"Read-bandwidth ceiling of this machine, same run: {ceiling_gbps:.1f} GB/s.",
+        "Random weights; the layers run are stated and the time is scaled to the block's layers. "
+        "The read-bandwidth ceiling is measured again just before each row; a row's fraction is of that reading.",
         "",
-        "| block | weights | layers run | MB read per step | compiled ms/step | eager ms/step | GB/s | of ceiling "
-        "| ms per 16-token pass (compiled / eager) | pass ms per token ÷ step ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| block | weights | layers run | MB read per step | compiled ms/step | eager ms/step | GB/s | ceiling GB/s "
+        "| of ceiling | ms per 16-token pass (compiled / eager) | pass ms per token ÷ step ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for timing in [*deep, *shallow]:
+        key = timing.variant, timing.block
         lines.append(
             f"| {timing.block} | {timing.variant} | {timing.layers_run} of {timing.layers} | {timing.weight_bytes / 1e6:,.0f} "
-            f"| {timing.step_ms:,.0f} | {timing.eager_ms:,.0f} | {timing.gbps:.2f} | {timing.gbps / ceiling_gbps:.0%} "
-            f"| {timing.pass_ms:,.0f} / {timing.eager_pass_ms:,.0f} | {timing.pass_per_token_ratio:.2f} |")
-    lines += ["", f"Best deep variant here: **{best.variant}**, {best.gbps / ceiling_gbps:.0%} of the ceiling. "
+            f"| {timing.step_ms:,.0f} | {timing.eager_ms:,.0f} | {timing.gbps:.2f} | {ceilings[key]:.1f} "
+            f"| {fraction[key]:.0%} | {timing.pass_ms:,.0f} / {timing.eager_pass_ms:,.0f} | {timing.pass_per_token_ratio:.2f} |")
+    lines += ["", f"Best deep variant here: **{best.variant}**, {fraction[best.variant, 'deep']:.0%} of the ceiling. "
               "A step is timed at the middle of the image (the cache half filled)."]
     speedups = {after: by_name[before].step_ms / by_name[after].step_ms for after, before in befores.items()}
-    lines += ["", "Deep step, as loaded now vs as before (weights arranged for the backend, attention over the "
-              "filled cache): " + "; ".join(f"{after} {ratio:.2f}× faster" for after, ratio in speedups.items()) + "."]
+    lines += ["", "Deep-step speed-up, as loaded now over as before (linears arranged for the backend, attention "
+              "over the filled cache): " + "; ".join(f"{after} {ratio:.2f}×" for after, ratio in speedups.items()) + "."]
     record = {
         "deep_step_speedup": speedups,
-        "deep_step": {t.variant: t.record(ceiling_gbps) for t in deep},
-        "shallow_step": {t.variant: t.record(ceiling_gbps) for t in shallow},
+        "deep_step": {t.variant: t.record(ceilings[t.variant, "deep"]) for t in deep},
+        "shallow_step": {t.variant: t.record(ceilings[t.variant, "shallow"]) for t in shallow},
         "best_deep_variant": best.variant,
         "jacobi_pass_ms_per_token_ratio": best.pass_per_token_ratio,
     }

@@ -104,12 +104,13 @@ def main() -> None:
         limit = ceiling.measure()
         record["ceiling_gbps"] = limit.gbps
         record["ceiling_readings_gbps"] = limit.readings
-        print(f"Read-bandwidth ceiling: {limit.gbps:.1f} GB/s ({limit.best}; "
+        print(f"Read-bandwidth ceiling at the start of the run: {limit.gbps:.1f} GB/s ({limit.best}; "
               + ", ".join(f"{name} {value:.1f}" for name, value in limit.readings.items()) + ")", end="\n\n", flush=True)
 
     runs: dict[str, Callable[[], tuple[str, dict]]] = {
-        "deep": lambda: full_width.run(record["ceiling_gbps"], args.width, args.layers, args.quantized_layers, args.repeats),
-        "overheads": lambda: overheads.run(args.width, 1, args.repeats,
+        "deep": lambda: full_width.run(lambda: ceiling.measure().gbps, args.width, args.layers, args.quantized_layers,
+                                       args.repeats),
+        "overheads": lambda: overheads.run(args.width, lambda: ceiling.measure().gbps, 1, args.repeats,
                                            record.get("deep_step", {}).get("float32", {}).get("ms")),
         "jacobi": jacobi_trained.run,
         "batch": lambda: batch_throughput.run(args.batch_width, 2, args.repeats),

@@ -1,7 +1,7 @@
 """The shipped demo model (weights/demo): it loads like any model and draws the class it is asked for.
 
 The samples come from the path users run, `mlx_starflow.load(...).generate(...)` with its
-defaults (guidance 3.6, Jacobi, score-step denoise, the default batch size), and the demo data
+defaults (guidance 3.6, the backend's default sampler, score-step denoise, the default batch size), and the demo data
 set's own deterministic classifier reads colour and shape back.
 """
 

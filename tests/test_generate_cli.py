@@ -19,6 +19,7 @@ import mlx_starflow.app.commands.generate as generate_command
 from mlx_starflow import load
 from mlx_starflow.errors import ModelNotFound
 from mlx_starflow.image import pil_to_uint8
+from mlx_starflow.samplers import default_sampler
 from mlx_starflow.pipeline import StarFlowPipeline
 from cli_runs import DEMO, one_error_line, run
 
@@ -47,7 +48,7 @@ def test_generate_end_to_end_is_reproducible(cli_models, tmp_path, capsys):
         assert image.size == (64, 64) and image.format == "PNG"
         meta = dict(image.text)
     assert meta["prompt"] == PROMPT and meta["seed"] == "42" and meta["guidance"] == "3.6"
-    assert meta["sampler"].startswith("jacobi") and meta["size"] == "64x64" and meta["model"] == "model"
+    assert meta["sampler"] == default_sampler().describe() and meta["size"] == "64x64" and meta["model"] == "model"
     assert run(capsys, "generate", PROMPT, "--model", cli_models / "text", "--seed", 42, "-o", second)[0] == 0
     assert run(capsys, "generate", PROMPT, "--model", cli_models / "text", "--seed", 43, "-o", other)[0] == 0
     assert np.array_equal(pixels(first), pixels(second))

@@ -27,7 +27,7 @@ from mlx_starflow.model_folder import LazyTextEncoder
 from mlx_starflow.pipeline import (ENCODE_CHUNK, MAX_SEED, check_sampling, check_seed, check_seeds, default_batch_size,
                                    parameter_bytes, seeded_noise)
 from mlx_starflow.text_encoder import TextEncoder
-from mlx_starflow.samplers import Jacobi, Sequential
+from mlx_starflow.samplers import Jacobi, Sequential, default_sampler
 
 SAMPLE_TOL = 2e-4
 DECODE_TOL = 2e-5
@@ -134,7 +134,7 @@ def test_text_generation_uses_conditional_then_empty_prompt_rows(text_pipe, monk
     assert mx.all(uncond[0, 1:] == 0).item() and mx.any(uncond[0, 0] != 0).item()
     y = mx.concatenate([text_pipe.encode(prompts), uncond, uncond], axis=0)
     expected = text_pipe.flow.sample(noise, y, guidance=3.6, sampler=Jacobi())
-    sample, _ = final_sample(text_pipe, prompts, seed=3, denoise="none", batch_size=2)
+    sample, _ = final_sample(text_pipe, prompts, seed=3, sampler=Jacobi(), denoise="none", batch_size=2)
     assert mx.abs(sample - expected).max().item() < 1e-5
 
 
@@ -214,7 +214,7 @@ def test_defaults_and_metadata(text_pipe):
     assert len(images) == 1 and images[0].size == (64, 64)
     info = images[0].info
     assert info["prompt"] == "a red panda" and info["seed"] == "11" and info["guidance"] == "3.6"
-    assert info["sampler"] == "jacobi block=16 threshold=0.001 max_iter=32" and info["denoise"] == "score"
+    assert info["sampler"] == default_sampler().describe() and info["denoise"] == "score"
     assert info["size"] == "64x64" and info["model"] == "model"  # the checkpoint's file stem
 
 

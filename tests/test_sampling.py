@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_starflow.samplers import Jacobi, Sequential
+from mlx_starflow.samplers import Jacobi, Sequential, default_sampler
 from test_flow import flow, max_diff, sf  # noqa: F401  (fixtures: the converted tiny official model)
 
 BATCH_TOL = 1e-5
@@ -152,12 +152,13 @@ def test_cli_builds_the_sampler_from_its_flags(tmp_path, capsys):
         assert image.info["sampler"] == "jacobi block=16 threshold=0.001 max_iter=32 coupled"
         assert (image.info["denoise"], image.info["denoise_lr"]) == ("score", "0.5")
     capsys.readouterr()
-    assert main(["generate", "red circle", "--model", demo, "--attn-temp", "0.9", "--output", str(tmp_path / "x.png")]) == 1
+    assert main(["generate", "red circle", "--model", demo, "--jacobi", "--attn-temp", "0.9", "--output", str(tmp_path / "x.png")]) == 1
     assert "--sequential" in capsys.readouterr().err
-    assert main(["generate", "red circle", "--model", demo, "--sequential", "--attn-temp", "0.9", "--seed", "0",
-                 "--output", str(tmp_path / "t.png")]) == 0
-    with Image.open(tmp_path / "t.png") as image:
-        assert image.info["sampler"] == "sequential attn_temp=0.9"
+    for name, flags in (("t.png", ["--sequential"]), ("implied.png", [])):
+        assert main(["generate", "red circle", "--model", demo, *flags, "--attn-temp", "0.9", "--seed", "0",
+                     "--output", str(tmp_path / name)]) == 0
+        with Image.open(tmp_path / name) as image:
+            assert image.info["sampler"] == "sequential attn_temp=0.9"
 
 
 def test_jacobi_options_are_checked_naming_the_option():
@@ -244,6 +245,11 @@ def test_cli_presets_and_single_flags_override_them(tmp_path, capsys):
             == replace(JACOBI_PRESETS["fast"], block_size=8, init="noise", coupled=True))
     assert make_sampler(True, "official", JacobiOverrides(deep_threshold=1e-2)).describe().endswith("deep_threshold=0.01")
     assert make_sampler(False, "fast") == Sequential()
+    assert make_sampler(None) == default_sampler()
+    assert make_sampler(None, "fast") == JACOBI_PRESETS["fast"]
+    assert make_sampler(None, overrides=JacobiOverrides(block_size=8)) == Jacobi(block_size=8)
+    assert make_sampler(None, overrides=JacobiOverrides(coupled=True)) == Jacobi(coupled=True)
+    assert make_sampler(None, attn_temp=0.9) == Sequential(0.9)
 
     demo = str(Path(__file__).resolve().parents[1] / "weights" / "demo")
     assert main(["generate", "red circle", "--model", demo, "--jacobi-preset", "fastest", "--output", str(tmp_path / "x.png")]) == 1
@@ -253,3 +259,12 @@ def test_cli_presets_and_single_flags_override_them(tmp_path, capsys):
                  "--output", str(out)]) == 0
     with Image.open(out) as image:
         assert image.info["sampler"] == replace(JACOBI_PRESETS["fast"], max_iter=20).describe()
+
+
+def test_the_default_sampler_follows_the_backend():
+    """Jacobi where a pass reads the weights once (a GPU), sequential on the CPU backend, where
+    a Jacobi pass is bound by arithmetic (README, Benchmarks)."""
+    from mlx_starflow.samplers import JACOBI_PRESETS
+
+    assert default_sampler(mx.Device(mx.DeviceType.cpu)) == Sequential()
+    assert default_sampler(mx.Device(mx.DeviceType.gpu)) == JACOBI_PRESETS["official"] == Jacobi()

@@ -41,7 +41,7 @@ def edit(
     model: Model = None,
     width: Width = None,
     height: Height = None,
-    jacobi: JacobiFlag = True,
+    jacobi: JacobiFlag = None,
     denoise: Denoise = None,
     force: Force = False,
     dtype: Dtype = FIRST_RUN_DTYPE,

@@ -26,11 +26,11 @@ from mlx_starflow.errors import InputError
 from mlx_starflow.image import make_grid, pil_to_uint8
 from mlx_starflow.labels import load_label_encoder
 from mlx_starflow.pipeline import GeneratedImage, GenerationProgress, StarFlowPipeline, check_sampling, check_seed, load
-from mlx_starflow.samplers import JACOBI_INITS, JACOBI_PRESETS, Jacobi, Sampler, Sequential
+from mlx_starflow.samplers import JACOBI_INITS, JACOBI_PRESETS, Jacobi, Sampler, Sequential, default_sampler
 
 from ..inputs import check_text, read_lines
 from ..limits import MAX_BATCH, MAX_IMAGES, check_grid, check_image_count
-from ..options import (FIRST_RUN_DTYPE, Bfloat16Rope, Dtype, Float32Compute, Force, Guidance, Height, Model, Offline, Quantize, Seed,
+from ..options import (FIRST_RUN_DTYPE, Bfloat16Rope, Dtype, Float32Compute, Force, Guidance, Height, JacobiFlag, Model, Offline, Quantize, Seed,
                        Width, check_batch_size, finite, image_count)
 from ..outputs import plan_outputs, write_image
 from ..progress import make_progress
@@ -53,8 +53,8 @@ def generate(
     all_labels: bool = typer.Option(False, "--all-labels", help="One prompt per class of a label model (--model DIR), instead of PROMPT."),
     grid: bool = typer.Option(False, "--grid", help="Write all images as one grid PNG: a row per prompt (or a square grid when -n is 1)."),
     force: Force = False,
-    jacobi: bool = typer.Option(True, "--jacobi/--sequential", help="Block-wise Jacobi iteration (fast) or token-by-token decoding (exact)."),
-    jacobi_preset: str = typer.Option("official", "--jacobi-preset", help="Named Jacobi settings: " + "; ".join(f"{name}: {preset.describe()}" for name, preset in JACOBI_PRESETS.items()) + ". official is the official script's; fast reads the weights ~4x fewer times than sequential on the trained demo model. The --jacobi-* flags below replace single settings."),
+    jacobi: JacobiFlag = None,
+    jacobi_preset: Optional[str] = typer.Option(None, "--jacobi-preset", help="Named Jacobi settings: " + "; ".join(f"{name}: {preset.describe()}" for name, preset in JACOBI_PRESETS.items()) + ". official (the default) is the official script's; fast reads the weights ~4x fewer times than sequential on the trained demo model. The --jacobi-* flags below replace single settings; any of them implies --jacobi."),
     jacobi_block_size: Optional[int] = typer.Option(None, "--jacobi-block-size", help="Tokens per Jacobi chunk (default: the preset's)."),
     jacobi_threshold: Optional[float] = typer.Option(None, "--jacobi-threshold", callback=finite, help="Relative change below which a Jacobi chunk has converged (default: the preset's)."),
     jacobi_deep_threshold: Optional[float] = typer.Option(None, "--jacobi-deep-threshold", callback=finite, help="Threshold for the deep, text-reading block only, where most weights are (default: the preset's; none: --jacobi-threshold)."),
@@ -155,16 +155,25 @@ class JacobiOverrides:
     coupled: bool = False
 
 
-def make_sampler(jacobi: bool, preset: str = "official", overrides: JacobiOverrides = JacobiOverrides(),
+def make_sampler(jacobi: bool | None, preset: str | None = None, overrides: JacobiOverrides = JacobiOverrides(),
                  attn_temp: float = 1.0) -> Sampler:
-    """The sampler the flags ask for: the named preset with each given Jacobi flag replacing its
-    setting; Jacobi's flags are ignored with --sequential."""
+    """The sampler the flags ask for: the named preset (default: official) with each given
+    Jacobi flag replacing its setting; Jacobi's flags are ignored with --sequential. Without
+    --jacobi/--sequential, a Jacobi flag or --attn-temp says which is meant, and otherwise the
+    backend's default applies (`default_sampler`)."""
+    if jacobi is None:
+        if attn_temp != 1.0:
+            jacobi = False
+        elif preset is not None or overrides != JacobiOverrides():
+            jacobi = True
+        else:
+            return default_sampler()
     if not jacobi:
         return Sequential(attn_temp)
     if attn_temp != 1.0:
         raise InputError("--attn-temp applies to --sequential sampling (the official Jacobi sampler has no temperature); add --sequential")
     given = {name: value for name, value in asdict(overrides).items() if value is not None}
-    return replace(Jacobi.preset(preset), **given)
+    return replace(Jacobi.preset(preset or "official"), **given)
 
 
 def label_prompts(model: str | None) -> list[str]:

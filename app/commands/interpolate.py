@@ -34,7 +34,7 @@ def interpolate(
     model: Model = None,
     width: Width = None,
     height: Height = None,
-    jacobi: JacobiFlag = True,
+    jacobi: JacobiFlag = None,
     denoise: Denoise = None,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", callback=check_batch_size, help="Frames sampled together (default: what fits in memory)."),
     force: Force = False,

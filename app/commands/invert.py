@@ -28,7 +28,7 @@ def invert(
     width: Width = None,
     height: Height = None,
     check: bool = typer.Option(True, "--check/--no-check", help="Sample the noise back (guidance 0) and print the round-trip error; costs one sampling run."),
-    jacobi: JacobiFlag = True,
+    jacobi: JacobiFlag = None,
     force: Force = False,
     dtype: Dtype = FIRST_RUN_DTYPE,
     quantize: Quantize = None,

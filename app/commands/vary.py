@@ -31,7 +31,7 @@ def vary(
     model: Model = None,
     width: Width = None,
     height: Height = None,
-    jacobi: JacobiFlag = True,
+    jacobi: JacobiFlag = None,
     denoise: Denoise = None,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", callback=check_batch_size, help="Variations sampled together (default: what fits in memory)."),
     force: Force = False,
