@@ -239,8 +239,10 @@ def load_flow(path: str | Path, bfloat16_rope: bool = False, float32_compute: bo
     `bfloat16_rope`: see `StarFlow`. `float32_compute` runs a float16/bfloat16 model in float32
     (its weights keep their rounded values, in twice the memory): on the fixtures' bfloat16
     checkpoint this halves the distance to the float32 samples, as the official sampler's
-    float32 autocast computes. `evaluate=False` leaves the weights unread until first use.
-    Linears are arranged for the backend (`backend_linears`).
+    float32 autocast computes. `evaluate=False` leaves the weights unread until first use;
+    read them with `model_io.read_parameters`, one at a time, since a weight moved to another
+    layout (`backend_linears`, which arranges the linears for the backend) holds its read and
+    its copy until evaluated.
     """
     folder = Path(path)
     if (folder / "flow").is_dir():

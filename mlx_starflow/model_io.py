@@ -324,5 +324,16 @@ def load_weights(module: nn.Module, folder: str | Path, evaluate: bool = True) -
             raise WeightsError(f"{path}: {name} has shape {list(value.shape)}, the config implies {list(expected[name].shape)}")
     module.load_weights(list(weights.items()), strict=True)
     if evaluate:
-        mx.eval(module.parameters())
+        read_parameters(module)
+
+
+def read_parameters(module: nn.Module) -> None:
+    """Evaluate a module's parameters one array at a time.
+
+    A weight loaded lazily and then changed lazily (`backend_linears` copies float32 weights
+    into another layout) holds both its read and its copy until evaluated; one at a time, a
+    model costs its size plus one matrix, where evaluating all at once would hold it twice.
+    """
+    for _, value in tree_flatten(module.parameters()):
+        mx.eval(value)
 

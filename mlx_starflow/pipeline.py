@@ -33,6 +33,7 @@ from .samplers import Sampler, default_sampler
 from .image import GeneratedImage, decoded_to_pil
 from .labels import LabelEncoder
 from .model_folder import Condition, FlowNumerics, LazyTextEncoder, load_model_folder
+from .model_io import read_parameters
 from .text_encoder import TextEncoder
 from .vae import VAE
 
@@ -277,7 +278,7 @@ class StarFlowPipeline:
         finally:
             if isinstance(self.condition, LazyTextEncoder):
                 self.condition.release()
-                mx.eval(self.flow.parameters())
+                read_parameters(self.flow)
 
     def noise(self, seeds: Sequence[int], width: int, height: int) -> mx.array:
         factor = self.config.vae_factor
