@@ -10,16 +10,20 @@ the layer count (every layer does the same work) and the table says so.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
+from unittest.mock import patch
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_starflow import backend_compute
+from mlx_starflow.backend_compute import arrange_for_backend
+from mlx_starflow.block_runner import ATTENTION_BUCKET, MLXBlockRunner
 from mlx_starflow.config import FlowConfig
 from mlx_starflow.flow_block import FlowBlock
-from mlx_starflow.backend_linears import arrange_for_backend
-from mlx_starflow.block_runner import ATTENTION_BUCKET, MLXBlockRunner
 from mlx_starflow.quantization import GROUP_SIZE
 from mlx_starflow.rope import rope_tables
 from mlx_starflow.token_layout import TokenLayout
@@ -38,7 +42,8 @@ class Variant:
     dtype: mx.Dtype
     bits: int | None = None
     arranged: bool = True
-    """Linears arranged for the backend as a loaded model's are (`arrange_for_backend`)."""
+    """Linears arranged for the backend as a loaded model's are (`arrange_for_backend`), and
+    attention split by rows as sampling splits it (`backend_compute.attend`)."""
     attention_bucket: int = ATTENTION_BUCKET
     """Cache positions per attention length; 0 attends over the whole cache."""
     before_of: str | None = None
@@ -47,8 +52,8 @@ class Variant:
 
 VARIANTS = (
     Variant("float32", mx.float32),
-    Variant("float32 before: (out, in) weights, whole cache", mx.float32, arranged=False, attention_bucket=0,
-            before_of="float32"),
+    Variant("float32 before: (out, in) weights, whole cache, one stream", mx.float32, arranged=False,
+            attention_bucket=0, before_of="float32"),
     Variant("float16", mx.float16),
     Variant("bfloat16", mx.bfloat16),
     Variant("bfloat16 before: one stream", mx.bfloat16, arranged=False, before_of="bfloat16"),
@@ -193,12 +198,15 @@ def measure(config: FlowConfig, variant: Variant, deep: bool, layers_run: int, r
     scale = layers / layers_run
     times = {}
     rows = GUIDANCE_ROWS if deep else 1
-    for tokens in (1, JACOBI_BLOCK):
-        for compiled in (True, False):
-            count = repeats + 2 if tokens == 1 and compiled else max(1, repeats - 1)
-            seconds = time_step(block, config, prefix, tokens, compiled, count, rows,
-                                attention_bucket=variant.attention_bucket)
-            times[tokens, compiled] = seconds * scale * 1e3
+    # Attention split by rows is part of the arrangement; a "before" variant attends on one stream.
+    one_stream = nullcontext() if variant.arranged else patch.object(backend_compute, "MIN_SPLIT_CACHE", sys.maxsize)
+    with one_stream:
+        for tokens in (1, JACOBI_BLOCK):
+            for compiled in (True, False):
+                count = repeats + 2 if tokens == 1 and compiled else max(1, repeats - 1)
+                seconds = time_step(block, config, prefix, tokens, compiled, count, rows,
+                                    attention_bucket=variant.attention_bucket)
+                times[tokens, compiled] = seconds * scale * 1e3
     weight_bytes = layers * layer_bytes(block) + head_bytes(block)
     del block
     mx.clear_cache()

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_starflow.backend_linears import arrange_for_backend
+from mlx_starflow.backend_compute import arrange_for_backend
 from mlx_starflow.config import FlowConfig
 from mlx_starflow.flow import StarFlow
 

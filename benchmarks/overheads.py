@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_starflow.backend_linears import arrange_for_backend
+from mlx_starflow.backend_compute import arrange_for_backend
 from mlx_starflow.block_runner import ATTENTION_BUCKET
 from mlx_starflow.samplers import gaussian
 

@@ -26,7 +26,7 @@ from .rope import rope_tables
 from .samplers import BlockProgress, JacobiChunk, Sampler, Sequential
 from .sampling import bits_per_dim, guided_gaussian, nll_per_sample, scale_from_logit, whiten
 from .token_layout import TokenLayout
-from .backend_linears import arrange_for_backend
+from .backend_compute import arrange_for_backend
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ def load_flow(path: str | Path, bfloat16_rope: bool = False, float32_compute: bo
     checkpoint this halves the distance to the float32 samples, as the official sampler's
     float32 autocast computes. `evaluate=False` leaves the weights unread until first use;
     read them with `model_io.read_parameters`, one at a time, since a weight moved to another
-    layout (`backend_linears`, which arranges the linears for the backend) holds its read and
+    layout (`backend_compute`, which arranges the linears for the backend) holds its read and
     its copy until evaluated.
     """
     folder = Path(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .backend_compute import attend
 from .kv_cache import KVCache
 from .rope import apply_rope
 
@@ -68,7 +69,7 @@ class Attention(nn.Module):
         visible = mask.shape[-1]
         if visible < keys.shape[2]:
             keys, values = keys[:, :, :visible], values[:, :, :visible]
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.head_dim**-0.5 / temperature, mask=mask)
+        out = attend(q, keys, values, self.head_dim**-0.5 / temperature, mask)
         return self._merge(out)
 
 

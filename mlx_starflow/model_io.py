@@ -330,7 +330,7 @@ def load_weights(module: nn.Module, folder: str | Path, evaluate: bool = True) -
 def read_parameters(module: nn.Module) -> None:
     """Evaluate a module's parameters one array at a time.
 
-    A weight loaded lazily and then changed lazily (`backend_linears` copies float32 weights
+    A weight loaded lazily and then changed lazily (`backend_compute` copies float32 weights
     into another layout) holds both its read and its copy until evaluated; one at a time, a
     model costs its size plus one matrix, where evaluating all at once would hold it twice.
     """

@@ -1,11 +1,11 @@
-"""How the flow's linears run on the backend that multiplies by them.
+"""How the flow's linears and cached attention run on the backend that computes them.
 
 A sampling step multiplies one or two rows (a token, with its guidance row) by every weight
-matrix, so its speed is how fast the products stream the weights. On a GPU, MLX's own
-layout and kernels are the fast ones and nothing here changes. On MLX's CPU backend a product
-runs either in the BLAS (float32) or in MLX's own single-threaded kernels (half precision,
-quantised), and two arrangements fix what is slow, without changing a weight's name, shape or
-values:
+matrix and attends over the cache, so its speed is how fast those stream the weights and the
+cache. On a GPU, MLX's own layout and kernels are the fast ones and nothing here changes. On
+MLX's CPU backend a product runs either in the BLAS (float32) or in MLX's own single-threaded
+kernels (half precision, quantised, attention), and three arrangements fix what is slow,
+without changing a weight's name, shape or values, or any result's bits but the first's:
 
 - With a multi-threaded BLAS (OpenBLAS, MKL or BLIS preloaded on Linux), float32
   products stream a row-major (in, out) matrix much faster for so few rows than the (out, in)
@@ -15,14 +15,17 @@ values:
   BLAS the Linux `mlx[cpu]` wheel bundles) are split by output rows into one contiguous slice
   per core, each multiplied on its own CPU stream; a slice of rows is a view, and each output
   column is computed as before, so results are bit-identical.
+- A cached step's attention runs each batch row (a guidance row, an image) on its own CPU
+  stream; rows never mix in attention, so this too is bit-identical.
 
-`make bench ONLY=deep` measures both against the layouts they replace.
+`make bench ONLY=deep` measures them against the way they ran before.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,6 +38,10 @@ MIN_SPLIT_WEIGHTS = 1 << 21
 """Weights (2M: a 1536 × 1536 matrix) below which a product is not split: synchronising the
 streams would cost more than the second core gives back."""
 MAX_STREAMS = 8
+"""Most CPU streams a product or an attention is split across."""
+MIN_SPLIT_CACHE = 1 << 20
+"""Cached keys per row (heads × positions × head dim: 1M, e.g. 48 heads × 340 positions × 64)
+below which attention is not split by rows."""
 
 
 @lru_cache(maxsize=None)
@@ -84,7 +91,21 @@ def _row_slices(rows: int, parts: int) -> list[slice]:
     return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
 
 
-def _split_rows(x: mx.array, module: nn.Module, product) -> mx.array:
+def attend(q: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array) -> mx.array:
+    """Scaled dot-product attention of a cached step, (B, heads, n, head_dim): on the CPU
+    backend with several rows and a long enough cache, each row attends on its own CPU stream."""
+    rows = q.shape[0]
+    streams = min(rows, split_count())
+    if streams < 2 or keys[0].size < MIN_SPLIT_CACHE:
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+    outputs = []
+    for stream, part in zip(_cpu_streams(streams), _row_slices(rows, streams)):
+        with mx.stream(stream):
+            outputs.append(mx.fast.scaled_dot_product_attention(q[part], keys[part], values[part], scale=scale, mask=mask))
+    return mx.concatenate(outputs, axis=0)
+
+
+def _split_rows(x: mx.array, module: nn.Module, product: Callable[[mx.array, slice], mx.array]) -> mx.array:
     """`product(x, rows)` for each slice of the module's output rows on its own CPU stream,
     joined along the output axis."""
     slices = _row_slices(module.weight.shape[0], module.streams)

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_starflow import backend_linears
-from mlx_starflow.backend_linears import MIN_SPLIT_WEIGHTS, SplitLinear, SplitQuantizedLinear, arrange_for_backend
+from mlx_starflow import backend_compute
+from mlx_starflow.backend_compute import MIN_SPLIT_WEIGHTS, SplitLinear, SplitQuantizedLinear, arrange_for_backend
 from mlx_starflow.block_runner import MLXBlockRunner
 from mlx_starflow.config import FlowConfig
 from mlx_starflow.flow import load_flow
@@ -53,8 +53,8 @@ def inputs(side: int = SIDE, dtype: mx.Dtype = mx.float32) -> mx.array:
 @pytest.fixture
 def blas(monkeypatch):
     """Sets whether the (Linux) BLAS counts as multi-threaded, whatever this machine has."""
-    monkeypatch.setattr(backend_linears.platform, "system", lambda: "Linux")
-    return lambda threaded: monkeypatch.setattr(backend_linears, "threaded_blas", lambda: threaded)
+    monkeypatch.setattr(backend_compute.platform, "system", lambda: "Linux")
+    return lambda threaded: monkeypatch.setattr(backend_compute, "threaded_blas", lambda: threaded)
 
 
 def row_major(weight: mx.array) -> bool:
@@ -64,8 +64,8 @@ def row_major(weight: mx.array) -> bool:
 def test_the_threaded_blas_is_the_one_in_this_process():
     preloaded = os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
     expected = platform.system() == "Linux" and any(
-        Path(library).name.startswith(backend_linears.THREADED_BLAS_PREFIXES) for library in preloaded)
-    assert backend_linears.threaded_blas() == expected
+        Path(library).name.startswith(backend_compute.THREADED_BLAS_PREFIXES) for library in preloaded)
+    assert backend_compute.threaded_blas() == expected
 
 
 def test_float32_weights_move_to_input_major_storage_with_the_same_values(blas):
@@ -96,7 +96,7 @@ def test_single_threaded_products_are_split_bit_identically(dtype, bits, blas):
 
     counts = arrange_for_backend(layer, device=CPU)
 
-    assert counts["split"] == (1 if backend_linears.split_count(CPU) > 1 else 0)
+    assert counts["split"] == (1 if backend_compute.split_count(CPU) > 1 else 0)
     if counts["split"]:
         assert isinstance(layer, SplitQuantizedLinear if bits else SplitLinear)
     after = dict(tree_flatten(layer.parameters()))
@@ -107,14 +107,14 @@ def test_single_threaded_products_are_split_bit_identically(dtype, bits, blas):
 
 def test_float32_on_macos_is_left_to_accelerate(blas, monkeypatch):
     blas(threaded=True)
-    monkeypatch.setattr(backend_linears.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(backend_compute.platform, "system", lambda: "Darwin")
     layer = linear()
     assert arrange_for_backend(layer, device=CPU) == {"input_major": 0, "split": 0}
     assert type(layer) is nn.Linear and row_major(layer.weight)
 
 
 def test_split_covers_every_output_row_once(monkeypatch):
-    monkeypatch.setattr(backend_linears, "split_count", lambda device=None: 3)
+    monkeypatch.setattr(backend_compute, "split_count", lambda device=None: 3)
     layer = linear(mx.bfloat16, side=SIDE + 1)
     x = inputs(SIDE + 1, mx.bfloat16)
     before = layer(x)
@@ -185,3 +185,16 @@ def test_a_lazily_loaded_flow_is_arranged_within_one_extra_matrix(blas, tmp_path
 
     assert not row_major(flow.blocks[-1].layers[0].mlp.fc1.weight)
     assert mx.get_peak_memory() - base < size + 2 * largest < 1.5 * size
+
+
+@pytest.mark.parametrize("rows", [2, 3])
+def test_attention_split_by_rows_is_bit_identical(rows, monkeypatch):
+    monkeypatch.setattr(backend_compute, "split_count", lambda device=None: 2)
+    heads, length, dim = 8, backend_compute.MIN_SPLIT_CACHE // (8 * 64), 64
+    q = mx.random.normal((rows, heads, 3, dim), key=mx.random.key(6))
+    keys = mx.random.normal((rows, heads, length, dim), key=mx.random.key(7))
+    values = mx.random.normal((rows, heads, length, dim), key=mx.random.key(8))
+    mask = mx.arange(length)[None, :] <= (length - 3 + mx.arange(3))[:, None]
+    whole = mx.fast.scaled_dot_product_attention(q, keys, values, scale=0.125, mask=mask)
+    assert mx.array_equal(backend_compute.attend(q, keys, values, 0.125, mask), whole).item()
+    assert mx.array_equal(mx.compile(backend_compute.attend)(q, keys, values, 0.125, mask), whole).item()
