@@ -257,9 +257,9 @@ def default_sampler(device: mx.Device | None = None) -> Sampler:
     Jacobi (official settings) on a GPU, where a pass over a chunk reads the weights once, as a
     one-token step does, so each pass it saves is a step's worth of weight reads. Sequential on
     MLX's CPU backend, where a pass is bound by arithmetic instead: at full width a 16-token
-    pass costs about 6 one-token steps there (`make bench ONLY=deep`), and the official setting
+    pass costs 4–6 one-token steps there (`make bench ONLY=deep`), and the official setting
     needs ≈ 13 passes per chunk in the deep block on the trained demo model, so Jacobi would be
-    ≈ 4× slower per image (derived from those figures).
+    2.4–4.7× slower per image (derived from those figures).
     """
     device = device or mx.default_device()
     return JACOBI_PRESETS["official"] if device.type == mx.DeviceType.gpu else Sequential()
