@@ -46,7 +46,8 @@ tenth of a step's bytes (`make bench ONLY=overheads`)."""
 
 
 class MLXBlockRunner:
-    """An MLX `FlowBlock` with a fixed-size KV cache and one (optionally compiled) step graph."""
+    """An MLX `FlowBlock` with a fixed-size KV cache and (optionally compiled) step graphs, one
+    per chunk size and attention bucket."""
 
     def __init__(self, block: FlowBlock, cos: mx.array, sin: mx.array, text_length: int, token_count: int,
                  compiled: bool = True, attn_temp: float = 1.0, attention_bucket: int = ATTENTION_BUCKET):

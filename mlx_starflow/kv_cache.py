@@ -3,7 +3,8 @@
 The sequence length (text prefix + tokens) and the batch (guidance rows included) are known
 before sampling, so each layer's buffers are allocated once. Writing at an explicit position,
 instead of appending, lets a Jacobi iteration rewrite its block in place (no roll-back
-bookkeeping) and keeps one step graph for every position, so it compiles once.
+bookkeeping) and keeps one step graph for every position of an attention bucket, so it
+compiles once per bucket (`block_runner.ATTENTION_BUCKET`).
 """
 
 from __future__ import annotations
