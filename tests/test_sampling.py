@@ -237,6 +237,7 @@ def test_cli_presets_and_single_flags_override_them(tmp_path, capsys):
 
     from mlx_starflow.app.cli import main
     from mlx_starflow.app.commands.generate import JacobiOverrides, make_sampler
+    from mlx_starflow.errors import InputError
     from mlx_starflow.samplers import JACOBI_PRESETS
 
     assert make_sampler(True) == Jacobi()
@@ -250,6 +251,8 @@ def test_cli_presets_and_single_flags_override_them(tmp_path, capsys):
     assert make_sampler(None, overrides=JacobiOverrides(block_size=8)) == Jacobi(block_size=8)
     assert make_sampler(None, overrides=JacobiOverrides(coupled=True)) == Jacobi(coupled=True)
     assert make_sampler(None, attn_temp=0.9) == Sequential(0.9)
+    with pytest.raises(InputError, match="--attn-temp"):
+        make_sampler(None, "fast", attn_temp=0.9)
 
     demo = str(Path(__file__).resolve().parents[1] / "weights" / "demo")
     assert main(["generate", "red circle", "--model", demo, "--jacobi-preset", "fastest", "--output", str(tmp_path / "x.png")]) == 1

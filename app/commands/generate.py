@@ -162,10 +162,10 @@ def make_sampler(jacobi: bool | None, preset: str | None = None, overrides: Jaco
     --jacobi/--sequential, a Jacobi flag or --attn-temp says which is meant, and otherwise the
     backend's default applies (`default_sampler`)."""
     if jacobi is None:
-        if attn_temp != 1.0:
-            jacobi = False
-        elif preset is not None or overrides != JacobiOverrides():
+        if preset is not None or overrides != JacobiOverrides():
             jacobi = True
+        elif attn_temp != 1.0:
+            jacobi = False
         else:
             return default_sampler()
     if not jacobi:
