@@ -260,8 +260,9 @@ def run(ceiling: Callable[[], float], width: int = REAL_WIDTH, layers_run: int =
     lines += ["", f"Best deep variant here: **{best.variant}**, {fraction[best.variant, 'deep']:.0%} of the ceiling. "
               "A step is timed at the middle of the image (the cache half filled)."]
     speedups = {after: by_name[before].step_ms / by_name[after].step_ms for after, before in befores.items()}
+    gains = "; ".join(f"{after} {ratio:.2f}×" for after, ratio in speedups.items())
     lines += ["", "Deep-step speed-up, as loaded now over as before (linears arranged for the backend, attention "
-              "over the filled cache, split by rows): " + "; ".join(f"{after} {ratio:.2f}×" for after, ratio in speedups.items()) + "."]
+              f"over the filled cache, split by rows): {gains}."]
     record = {
         "deep_step_speedup": speedups,
         "deep_step": {t.variant: t.record(ceilings[t.variant, "deep"]) for t in deep},
