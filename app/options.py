@@ -7,6 +7,7 @@ fetched, converted or loaded.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Optional
 
 import mlx.core as mx
@@ -16,6 +17,7 @@ from mlx_starflow.config import DTYPES
 from mlx_starflow.errors import InputError
 from mlx_starflow.pipeline import MAX_SEED
 from mlx_starflow.quantization import BITS
+from mlx_starflow.samplers import Jacobi, Sampler, Sequential, default_sampler
 
 from .inputs import check_text
 from .limits import MAX_IMAGE_SIDE, MAX_IMAGES, check_at_most, check_batch, check_finite, check_image_side
@@ -122,5 +124,38 @@ JacobiFlag = Annotated[Optional[bool], typer.Option(
     help="Block-wise Jacobi iteration (official settings) or token-by-token decoding (exact inverse of the forward "
          "pass). Default: Jacobi on a GPU; sequential on MLX's CPU backend, where a Jacobi pass is bound by "
          "arithmetic and sequential decoding is several times faster (from `make bench` figures).")]
+@dataclass(frozen=True)
+class JacobiOverrides:
+    """The single Jacobi flags given on the command line (None: the preset's value)."""
+
+    block_size: int | None = None
+    threshold: float | None = None
+    max_iter: int | None = None
+    deep_threshold: float | None = None
+    init: str | None = None
+    coupled: bool = False
+
+
+def make_sampler(jacobi: bool | None, preset: str | None = None, overrides: JacobiOverrides = JacobiOverrides(),
+                 attn_temp: float = 1.0) -> Sampler:
+    """The sampler the flags ask for: the named preset (default: official) with each given
+    Jacobi flag replacing its setting; Jacobi's flags are ignored with --sequential. Without
+    --jacobi/--sequential, a Jacobi flag or --attn-temp says which is meant, and otherwise the
+    backend's default applies (`default_sampler`)."""
+    if jacobi is None:
+        if preset is not None or overrides != JacobiOverrides():
+            jacobi = True
+        elif attn_temp != 1.0:
+            jacobi = False
+        else:
+            return default_sampler()
+    if not jacobi:
+        return Sequential(attn_temp)
+    if attn_temp != 1.0:
+        raise InputError("--attn-temp applies to --sequential sampling (the official Jacobi sampler has no temperature); add --sequential")
+    given = {name: value for name, value in asdict(overrides).items() if value is not None}
+    return replace(Jacobi.preset(preset or "official"), **given)
+
+
 Denoise = Annotated[Optional[str], typer.Option(
     "--denoise", help="score, decoder or none (default: decoder if the model has one, else score); none shows the flow's own sample.")]

@@ -16,8 +16,8 @@ from mlx_starflow.editing import edit as edit_image
 from mlx_starflow.errors import InputError
 from mlx_starflow.pipeline import check_seed
 
-from ..options import FIRST_RUN_DTYPE, Denoise, Dtype, Force, Guidance, Height, JacobiFlag, Model, Offline, Quantize, Seed, Width, utf8_text
-from .noise_tools import check_image_path, load_pipeline, note, png_targets, sampler, stderr, write_results
+from ..options import FIRST_RUN_DTYPE, Denoise, Dtype, Force, Guidance, Height, JacobiFlag, Model, Offline, Quantize, Seed, Width, make_sampler, utf8_text
+from .noise_tools import check_image_path, load_pipeline, note, png_targets, stderr, write_results
 
 
 def parse_keep(keep: str | None) -> int | float | None:
@@ -56,7 +56,7 @@ def edit(
     pipeline = load_pipeline(model, dtype, quantize, offline)
     note(pipeline, [prompt, source_prompt])
     result = edit_image(pipeline, image, prompt, source_prompt, kept, first_seed, width, height,
-                        guidance=guidance, sampler=sampler(jacobi), denoise=denoise, batch_size=1)
+                        guidance=guidance, sampler=make_sampler(jacobi), denoise=denoise, batch_size=1)
     if kept is not None:
         stderr.print(f"redrawn tokens from seed {first_seed}", soft_wrap=True)
     write_results([result], targets, force, {"source_image": image.name})

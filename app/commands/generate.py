@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -26,11 +25,12 @@ from mlx_starflow.errors import InputError
 from mlx_starflow.image import make_grid, pil_to_uint8
 from mlx_starflow.labels import load_label_encoder
 from mlx_starflow.pipeline import GeneratedImage, GenerationProgress, StarFlowPipeline, check_sampling, check_seed, load
-from mlx_starflow.samplers import JACOBI_INITS, JACOBI_PRESETS, Jacobi, Sampler, Sequential, default_sampler
+from mlx_starflow.samplers import JACOBI_INITS, JACOBI_PRESETS
 
 from ..inputs import check_text, read_lines
 from ..limits import MAX_BATCH, MAX_IMAGES, check_grid, check_image_count
-from ..options import (FIRST_RUN_DTYPE, Bfloat16Rope, Dtype, Float32Compute, Force, Guidance, Height, JacobiFlag, Model, Offline, Quantize, Seed,
+from ..options import (FIRST_RUN_DTYPE, Bfloat16Rope, Dtype, Float32Compute, Force, Guidance, Height, JacobiFlag, JacobiOverrides,
+                       Model, Offline, Quantize, Seed, make_sampler,
                        Width, check_batch_size, finite, image_count)
 from ..outputs import plan_outputs, write_image
 from ..progress import make_progress
@@ -141,39 +141,6 @@ def one_prompt(positional: str | None, option: str | None) -> str | None:
     if positional is not None and option is not None:
         raise InputError("give the prompt once: as PROMPT or as --prompt, not both")
     return option if positional is None else positional
-
-
-@dataclass(frozen=True)
-class JacobiOverrides:
-    """The single Jacobi flags given on the command line (None: the preset's value)."""
-
-    block_size: int | None = None
-    threshold: float | None = None
-    max_iter: int | None = None
-    deep_threshold: float | None = None
-    init: str | None = None
-    coupled: bool = False
-
-
-def make_sampler(jacobi: bool | None, preset: str | None = None, overrides: JacobiOverrides = JacobiOverrides(),
-                 attn_temp: float = 1.0) -> Sampler:
-    """The sampler the flags ask for: the named preset (default: official) with each given
-    Jacobi flag replacing its setting; Jacobi's flags are ignored with --sequential. Without
-    --jacobi/--sequential, a Jacobi flag or --attn-temp says which is meant, and otherwise the
-    backend's default applies (`default_sampler`)."""
-    if jacobi is None:
-        if preset is not None or overrides != JacobiOverrides():
-            jacobi = True
-        elif attn_temp != 1.0:
-            jacobi = False
-        else:
-            return default_sampler()
-    if not jacobi:
-        return Sequential(attn_temp)
-    if attn_temp != 1.0:
-        raise InputError("--attn-temp applies to --sequential sampling (the official Jacobi sampler has no temperature); add --sequential")
-    given = {name: value for name, value in asdict(overrides).items() if value is not None}
-    return replace(Jacobi.preset(preset or "official"), **given)
 
 
 def label_prompts(model: str | None) -> list[str]:

@@ -18,9 +18,9 @@ from mlx_starflow.errors import InputError
 from mlx_starflow.image import make_grid, pil_to_uint8
 
 from ..options import (FIRST_RUN_DTYPE, Denoise, Dtype, Force, Guidance, Height, JacobiFlag, Model, Offline, Quantize, Width,
-                       check_batch_size, check_seeds, image_count, utf8_text)
+                       check_batch_size, check_seeds, image_count, make_sampler, utf8_text)
 from ..outputs import write_image
-from .noise_tools import check_image_path, load_pipeline, note, png_targets, sampler
+from .noise_tools import check_image_path, load_pipeline, note, png_targets
 
 
 def interpolate(
@@ -54,7 +54,7 @@ def interpolate(
     pipeline = load_pipeline(model, dtype, quantize, offline)
     note(pipeline, [prompt])
     results = interpolate_noise(pipeline, prompt, steps, seeds=seeds, images=images, width=width, height=height,
-                                guidance=guidance, sampler=sampler(jacobi), denoise=denoise, batch_size=batch_size)
+                                guidance=guidance, sampler=make_sampler(jacobi), denoise=denoise, batch_size=batch_size)
     tiles = make_grid([pil_to_uint8(result.image) for result in results], columns=steps)
     between = f"seeds {seeds[0]} and {seeds[1]}" if seeds is not None else f"images {images[0].name} and {images[1].name}"
     metadata = {**results[0].metadata, "interpolate": f"{steps} frames left to right between {between}"}

@@ -15,9 +15,9 @@ from mlx_starflow.editing import invert as invert_images, round_trip_error
 from mlx_starflow.errors import InputError, OutputExists
 from mlx_starflow.noise_file import noise_metadata, save_noise
 
-from ..options import FIRST_RUN_DTYPE, Dtype, Force, Height, JacobiFlag, Model, Offline, Quantize, Width, utf8_text
+from ..options import FIRST_RUN_DTYPE, Dtype, Force, Height, JacobiFlag, Model, Offline, Quantize, Width, make_sampler, utf8_text
 from ..outputs import check_writable
-from .noise_tools import check_image_path, load_pipeline, note, sampler
+from .noise_tools import check_image_path, load_pipeline, note
 
 
 def invert(
@@ -46,7 +46,7 @@ def invert(
     pipeline = load_pipeline(model, dtype, quantize, offline)
     note(pipeline, [prompt])
     inversion = invert_images(pipeline, [image], [prompt], width, height)
-    chosen = sampler(jacobi)
+    chosen = make_sampler(jacobi)
     extra = {"source_image": image.name, "bits_per_dim": f"{inversion.bits_per_dim[0]:.4f}"}
     typer.echo(f"inverted {image} under {prompt!r} ({inversion.width}x{inversion.height}, {pipeline.name}): "
                f"{inversion.bits_per_dim[0]:.4f} bits/dim")

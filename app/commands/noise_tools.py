@@ -15,19 +15,11 @@ from mlx_starflow.convert.hub import resolve_model
 from mlx_starflow.errors import InputError
 from mlx_starflow.noise_file import NoiseFile, check_noise, load_noise
 from mlx_starflow.pipeline import GeneratedImage, StarFlowPipeline, load
-from mlx_starflow.samplers import Jacobi, Sampler, Sequential, default_sampler
 
 from ..limits import check_image_count
 from ..outputs import Target, check_writable, explicit, write_image
 
 stderr = Console(stderr=True, highlight=False)
-
-
-def sampler(jacobi: bool | None) -> Sampler:
-    """--jacobi or --sequential; neither: the backend's default (`default_sampler`)."""
-    if jacobi is None:
-        return default_sampler()
-    return Jacobi() if jacobi else Sequential()
 
 
 def load_pipeline(model: str | None, dtype: str, quantize: int | None, offline: bool) -> StarFlowPipeline:

@@ -16,8 +16,8 @@ from mlx_starflow.noise_ops import check_strength
 from mlx_starflow.pipeline import check_seed
 
 from ..options import (FIRST_RUN_DTYPE, Denoise, Dtype, Force, Guidance, Height, JacobiFlag, Model, Offline, Quantize, Seed, Width,
-                       check_batch_size, finite, image_count, utf8_text)
-from .noise_tools import check_image_path, load_pipeline, note, png_targets, sampler, stderr, write_results
+                       check_batch_size, finite, image_count, make_sampler, utf8_text)
+from .noise_tools import check_image_path, load_pipeline, note, png_targets, stderr, write_results
 
 
 def vary(
@@ -48,5 +48,5 @@ def vary(
     note(pipeline, [prompt])
     stderr.print(f"{num_images} variation(s) of {image} at strength {strength:g}, seeds {first_seed} …", soft_wrap=True)
     results = vary_image(pipeline, image, prompt, num_images, strength, first_seed, width, height,
-                         guidance=guidance, sampler=sampler(jacobi), denoise=denoise, batch_size=batch_size)
+                         guidance=guidance, sampler=make_sampler(jacobi), denoise=denoise, batch_size=batch_size)
     write_results(results, targets, force, {"source_image": image.name})
